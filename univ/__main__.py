@@ -1,0 +1,5 @@
+import sys
+
+from univ.cli import main
+
+sys.exit(main())

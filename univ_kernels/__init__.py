@@ -1,0 +1,34 @@
+"""univ_kernels: streaming cross-correlation of neuron activations, fused Triton kernels and torch references.
+
+Standalone (torch, triton, numpy, safetensors); never imports ``univ``. Public pieces:
+
+- ``StreamingCorrelation``: the stateful accumulator (update, merge, summary, save/load).
+- ``ColumnMoments``: per-side moments, shareable by many pairs (prepare → GEMMs → commit).
+- ``prepass``, ``comoment_update``, ``correlation_summary``, ``correlation_matrix``: the functional ops.
+"""
+
+from univ_kernels._launch import interpreting, resolve_backend
+from univ_kernels.comoment import comoment_update, comoment_update_torch
+from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary, summary_torch
+from univ_kernels.moments import ColumnMoments, first_shift
+from univ_kernels.prepass import Prepassed, prepass, prepass_torch
+from univ_kernels.streaming import StreamingCorrelation, atomic_write_bytes, default_operand_dtype
+
+__all__ = [
+    "ColumnMoments",
+    "CorrelationSummary",
+    "Prepassed",
+    "StreamingCorrelation",
+    "atomic_write_bytes",
+    "comoment_update",
+    "comoment_update_torch",
+    "correlation_matrix",
+    "correlation_summary",
+    "default_operand_dtype",
+    "first_shift",
+    "interpreting",
+    "prepass",
+    "prepass_torch",
+    "resolve_backend",
+    "summary_torch",
+]
