@@ -18,7 +18,7 @@ import sys
 from univ import __version__
 
 # Stage modules in pipeline order; each defines register(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["univ.correlate", "univ.zoo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,245 @@
+"""The correlate run on tiny saved models: identity, planted permutations, baseline, passes, resume, errors."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import corpus_text, save_tiny_model
+
+from univ import correlate as corr_mod
+from univ.baseline import rotation
+from univ.correlate import CorrelateConfig, run
+from univ.data import excluded_token_ids, token_batches
+from univ.models import collect_mlp_activations, load_model
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Three tiny GPT-2 seeds, a permuted copy of seed 0, and a text file."""
+    root = tmp_path_factory.mktemp("zoo")
+    paths = {s: save_tiny_model(root, "gpt2", seed=s) for s in (0, 1, 2)}
+    paths["perm"], paths["perm_index"] = permuted_copy(paths[0], root / "perm")
+    data = root / "text.txt"
+    data.write_text(corpus_text()[:60_000])
+    return paths, data
+
+
+def permuted_copy(src, dst):
+    """Permute neurons within each layer (c_fc columns and bias, c_proj rows): the function is unchanged."""
+    lm = load_model(str(src))
+    g = torch.Generator().manual_seed(123)
+    perms = []
+    with torch.no_grad():
+        for block in lm.model.transformer.h:
+            p = torch.randperm(block.mlp.c_fc.weight.shape[1], generator=g)
+            block.mlp.c_fc.weight.copy_(block.mlp.c_fc.weight[:, p])
+            block.mlp.c_fc.bias.copy_(block.mlp.c_fc.bias[p])
+            block.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight[p, :])
+            perms.append(p)
+    lm.model.save_pretrained(dst)
+    lm.tokenizer.save_pretrained(dst)
+    return dst, perms
+
+
+def cfg_for(models, data, out, **kw):
+    base = dict(tokens=1500, ctx=32, batch_size=4, device="cpu")
+    base.update(kw)
+    return CorrelateConfig(models=tuple(str(m) for m in models), data=str(data), out=str(out), **base)
+
+
+def test_self_and_permuted_copy_recovered_exactly(zoo, tmp_path):
+    paths, data = zoo
+    out = run(cfg_for([paths[0], paths[0], paths["perm"]], data, tmp_path / "r"), progress=False, log=lambda *_: None)
+    table = pd.read_parquet(out / "neurons.parquet")
+    assert len(table) == 2 * 64 and set(table["model"]) == {"gpt2-seed0"}
+    alive = table["max_corr.gpt2-seed0-2"].notna()
+    assert alive.mean() > 0.9
+    t = table[alive]
+    # against itself: r = 1 at its own index
+    np.testing.assert_allclose(t["max_corr.gpt2-seed0-2"], 1.0, atol=1e-5)
+    assert (t["argmax_layer.gpt2-seed0-2"] == t["layer"]).all()
+    assert (t["argmax_neuron.gpt2-seed0-2"] == t["neuron"]).all()
+    # against the permuted copy: neuron i of layer l sits at perm⁻¹(i)
+    inverse = [torch.argsort(p).numpy() for p in paths["perm_index"]]
+    expected = np.array([inverse[layer][n] for layer, n in zip(t["layer"], t["neuron"], strict=True)])
+    np.testing.assert_allclose(t["max_corr.perm"], 1.0, atol=1e-5)
+    assert (t["argmax_layer.perm"] == t["layer"]).all()
+    np.testing.assert_array_equal(t["argmax_neuron.perm"].to_numpy(), expected)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["tokens"] == 1500 and manifest["labels"] == ["gpt2-seed0", "gpt2-seed0-2", "perm"]
+    assert not (out / "checkpoint.json").exists() and (out / "state" / "pass-0.safetensors").exists()
+
+
+def test_different_seeds_below_one_and_above_baseline(zoo, tmp_path):
+    paths, data = zoo
+    out = run(cfg_for([paths[0], paths[1], paths[2]], data, tmp_path / "r"), progress=False, log=lambda *_: None)
+    t = pd.read_parquet(out / "neurons.parquet")
+    assert t["mean_corr"].mean() < 0.95
+    assert t["mean_baseline"].mean() < t["mean_corr"].mean()
+    assert np.allclose(t["excess_corr"], t["mean_corr"] - t["mean_baseline"], equal_nan=True)
+    hist = pd.read_parquet(out / "histograms.parquet")
+    assert hist.groupby("other")["count"].sum().eq(128 * 128).all()
+
+
+def explicit_acts(path, data, cfg):
+    lm = load_model(str(path))
+    excluded = excluded_token_ids(lm.tokenizer)
+    chunks = []
+    for b in token_batches(str(data), lm.tokenizer, ctx=cfg.ctx, batch_size=cfg.batch_size, seed=cfg.seed,
+                           max_tokens=cfg.tokens, excluded=excluded):
+        post = collect_mlp_activations(lm, b.input_ids, keep=b.keep).post
+        chunks.append(post.reshape(post.shape[0], -1))
+    return torch.cat(chunks).double().numpy(), lm
+
+
+def corr64(x, y):
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return (x.T @ y) / np.outer(np.linalg.norm(x, axis=0), np.linalg.norm(y, axis=0))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "orthogonal"])
+def test_baseline_equals_explicit_rotation(zoo, tmp_path, kind):
+    paths, data = zoo
+    cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline=kind, baseline_seed=7)
+    t = pd.read_parquet(run(cfg, progress=False, log=lambda *_: None) / "neurons.parquet")
+    x, _ = explicit_acts(paths[0], data, cfg)
+    y, lm = explicit_acts(paths[1], data, cfg)
+    d = lm.d_mlp
+    rotated = np.concatenate(
+        [y[:, l * d:(l + 1) * d] @ rotation(d, kind=kind, seed=7, model_index=1, layer=l).double().numpy()
+         for l in range(lm.n_layers)], axis=1)
+    expected = np.nanmax(corr64(x, rotated), axis=1)
+    np.testing.assert_allclose(t["baseline.gpt2-seed1"], expected, atol=1e-5)
+    np.testing.assert_allclose(t["max_corr.gpt2-seed1"], np.nanmax(corr64(x, y), axis=1), atol=1e-5)
+
+
+def test_orthogonal_rotation_is_orthogonal():
+    q = rotation(50, kind="orthogonal", seed=0, model_index=1, layer=2).double()
+    torch.testing.assert_close(q.T @ q, torch.eye(50, dtype=torch.float64), atol=1e-6, rtol=0)
+    g = rotation(50, kind="gaussian", seed=0, model_index=1, layer=2)
+    torch.testing.assert_close(g.norm(dim=0), torch.ones(50), atol=1e-6, rtol=0)
+    assert not torch.equal(g, rotation(50, kind="gaussian", seed=0, model_index=1, layer=3))
+
+
+def test_several_passes_equal_one(zoo, tmp_path):
+    paths, data = zoo
+    models = [paths[0], paths[1], paths[2]]
+    one = pd.read_parquet(run(cfg_for(models, data, tmp_path / "one"), progress=False, log=lambda *_: None)
+                          / "neurons.parquet")
+    # one layer of seed 0 against all of a model: 4·64·128 B = 32 KiB; a 40 kB budget forces 4 passes
+    logs = []
+    out = run(cfg_for(models, data, tmp_path / "many", memory_budget_gb=40e-6), progress=False, log=logs.append)
+    assert "4 passes" in logs[0] and "read 4 times" in logs[0]
+    many = pd.read_parquet(out / "neurons.parquet")
+    pd.testing.assert_frame_equal(one, many, atol=1e-6, rtol=0)
+
+
+def test_too_little_memory_is_a_clear_error(zoo, tmp_path):
+    paths, data = zoo
+    with pytest.raises(MemoryError, match="even the smallest block"):
+        run(cfg_for([paths[0], paths[1]], data, tmp_path / "r", memory_budget_gb=1e-6), progress=False,
+            log=lambda *_: None)
+
+
+def test_all_pairs_is_symmetric(zoo, tmp_path):
+    paths, data = zoo
+    out = run(cfg_for([paths[0], paths[1], paths[2]], data, tmp_path / "r", mode="all-pairs",
+                      memory_budget_gb=80e-6), progress=False, log=lambda *_: None)
+    t = pd.read_parquet(out / "neurons.parquet")
+    assert sorted(set(t["model"])) == ["gpt2-seed0", "gpt2-seed1", "gpt2-seed2"]
+    stream = cfg_for([paths[1], paths[2]], data, "")
+    x, _ = explicit_acts(paths[1], data, stream)
+    y, _ = explicit_acts(paths[2], data, stream)
+    r = corr64(x, y)
+    seed2 = t[t["model"] == "gpt2-seed2"]
+    np.testing.assert_allclose(seed2["max_corr.gpt2-seed1"], np.nanmax(r, axis=0), atol=1e-5)
+    np.testing.assert_array_equal(seed2["argmax_layer.gpt2-seed1"] * 64 + seed2["argmax_neuron.gpt2-seed1"],
+                                  np.nanargmax(r, axis=0))
+    assert seed2["baseline.gpt2-seed1"].notna().all() and (seed2["baseline.gpt2-seed1"] < 1).all()
+
+
+def test_crash_then_resume_equals_uninterrupted(zoo, tmp_path, monkeypatch):
+    paths, data = zoo
+    models = [paths[0], paths[1], paths[2]]
+    straight = pd.read_parquet(run(cfg_for(models, data, tmp_path / "a", memory_budget_gb=70e-6),
+                                   progress=False, log=lambda *_: None) / "neurons.parquet")
+    cfg = cfg_for(models, data, tmp_path / "b", memory_budget_gb=70e-6, checkpoint_every=300)
+    real, calls = corr_mod.process_batch, {"n": 0}
+
+    def crashing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 20:  # in the second pass
+            raise RuntimeError("simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(corr_mod, "process_batch", real)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg, progress=False, log=lambda *_: None)
+    resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
+    pd.testing.assert_frame_equal(straight, resumed, atol=1e-6, rtol=0)
+
+
+def test_ctrl_c_writes_checkpoint_and_resume_matches(zoo, tmp_path, monkeypatch):
+    paths, data = zoo
+    models = [paths[0], paths[1]]
+    straight = pd.read_parquet(run(cfg_for(models, data, tmp_path / "a"), progress=False, log=lambda *_: None)
+                               / "neurons.parquet")
+    cfg = cfg_for(models, data, tmp_path / "b")
+    real, calls = corr_mod.process_batch, {"n": 0}
+
+    def interrupting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+        return real(*args, **kw)
+
+    monkeypatch.setattr(corr_mod, "process_batch", interrupting)
+    with pytest.raises(corr_mod.Interrupted, match="Resume with --resume"):
+        run(cfg, progress=False, log=lambda *_: None)
+    assert (tmp_path / "b" / "checkpoint.json").exists()
+    monkeypatch.setattr(corr_mod, "process_batch", real)
+    resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
+    pd.testing.assert_frame_equal(straight, resumed, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_from_other_configuration_refused(zoo, tmp_path, monkeypatch):
+    paths, data = zoo
+    cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "b", checkpoint_every=200)
+    real, calls = corr_mod.process_batch, {"n": 0}
+
+    def crashing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    with pytest.raises(RuntimeError):
+        run(cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(corr_mod, "process_batch", real)
+    other = cfg_for([paths[0], paths[2]], data, tmp_path / "b", checkpoint_every=200, tokens=2000)
+    with pytest.raises(ValueError, match=r"differs in models: .*; tokens: checkpoint 1500 vs now 2000"):
+        run(other, resume=True, progress=False, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(cfg_for([paths[0], paths[1]], data, tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_bad_inputs(zoo, tmp_path):
+    paths, data = zoo
+    alt = save_tiny_model(tmp_path, "gpt2", seed=5, tokenizer="alt")
+    with pytest.raises(ValueError, match="do not share a tokenizer"):
+        run(cfg_for([paths[0], alt], data, tmp_path / "r"), progress=False)
+    with pytest.raises(ValueError, match="at least two models"):
+        cfg_for([paths[0]], data, tmp_path / "r")
+    with pytest.raises(ValueError, match="--ctx 4096 exceeds"):
+        run(cfg_for([paths[0], paths[1]], data, tmp_path / "r", ctx=4096), progress=False)
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline="rotation")
