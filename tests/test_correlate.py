@@ -243,3 +243,21 @@ def test_bad_inputs(zoo, tmp_path):
         run(cfg_for([paths[0], paths[1]], data, tmp_path / "r", ctx=4096), progress=False)
     with pytest.raises(ValueError, match="baseline must be one of"):
         cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline="rotation")
+
+
+def test_cli_correlate_and_help(zoo, tmp_path, capsys):
+    from univ.cli import main
+
+    paths, data = zoo
+    out = tmp_path / "cli"
+    code = main(["correlate", str(paths[0]), str(paths[1]), "--data", str(data), "--tokens", "600", "--ctx", "32",
+                 "--batch-size", "4", "--out", str(out), "--device", "cpu", "--baseline", "orthogonal"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "memory plan on cpu (1 pass)" in printed.out and "excess>0.50" in printed.out
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["baseline"] == "orthogonal" and manifest["tokens"] == 600
+    assert manifest["timings"]["forward_s"] > 0 and manifest["timings"]["kernels_s"] > 0
+    with pytest.raises(SystemExit):
+        main(["correlate", "--help"])
+    assert "univ correlate" in capsys.readouterr().out
