@@ -18,7 +18,14 @@ import sys
 from univ import __version__
 
 # Stage modules in pipeline order; each defines register(subparsers).
-COMMAND_MODULES: list[str] = ["univ.correlate", "univ.zoo"]
+COMMAND_MODULES: list[str] = [
+    "univ.correlate",
+    "univ.universal",
+    "univ.stats",
+    "univ.families",
+    "univ.analyze",
+    "univ.zoo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
