@@ -24,6 +24,9 @@ COMMAND_MODULES: list[str] = [
     "univ.stats",
     "univ.families",
     "univ.analyze",
+    "univ.roles",
+    "univ.report",
+    "univ.demo",
     "univ.zoo",
 ]
 
