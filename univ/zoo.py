@@ -3,7 +3,7 @@
 The paper compares GPT-2 models trained from different seeds; none small enough for a laptop exists on the
 registries we can reach, so univ trains its own: same data, same tokenizer, same config, and the seed sets
 both the initialisation and the order of the batches. One zoo (3 seeds, the defaults below) ships in
-``univ/data/zoo/`` in fp16; each seed is a ``save_pretrained`` folder, so it loads exactly like a hub model
+``univ/assets/zoo/`` in fp16; each seed is a ``save_pretrained`` folder, so it loads exactly like a hub model
 (``AutoModelForCausalLM.from_pretrained(path)``, ``AutoTokenizer.from_pretrained(path)``).
 
     univ zoo train --out runs/zoo --seeds 0 1 2 --fp16   # ~11 min per seed on 2 CPU cores
@@ -77,7 +77,7 @@ def cache_dir() -> Path:
 
 
 def shipped_zoo_dir() -> Path | None:
-    """The zoo packaged in ``univ/data/zoo`` if this install has it (it has a manifest), else None."""
+    """The zoo packaged in ``univ/assets/zoo`` if this install has it (it has a manifest), else None."""
     path = corpus.DATA_DIR / "zoo"
     return path if (path / MANIFEST).exists() else None
 
@@ -123,7 +123,7 @@ def estimate_minutes(config: ZooConfig, n_seeds: int) -> float:
 def ensure_zoo(seeds: tuple[int, ...] = (0, 1, 2), config: ZooConfig | None = None) -> Path:
     """A zoo directory with these seeds: the shipped one, else a cached one, else trained now into the cache.
 
-    The default config is the shipped zoo's, so a rebuild (an install without ``univ/data/zoo``) trains the
+    The default config is the shipped zoo's, so a rebuild (an install without ``univ/assets/zoo``) trains the
     same models, byte for byte on the same kind of CPU.
     """
     config = config or replace(ZooConfig(), fp16=True)
