@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from univ.models import LoadedModel, attention_weights, mlp_weights, run_with_neuron_values
+from univ.universal import read_run
 from univ.weights import processed_mlp_weights, processed_unembedding, weight_stats
 
 __all__ = [
@@ -840,18 +841,6 @@ def parse_neurons(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass the directory written by 'univ correlate'")
-    manifest = json.loads(path.read_text())
-    for key in ("models", "labels"):
-        if key not in manifest:
-            raise ValueError(f"{path} has no {key!r} entry; was it written by 'univ correlate'?")
-    manifest.setdefault("analysed", manifest["labels"][:1])
-    return manifest
-
-
 def _universal_pool(run_dir: Path, label: str) -> tuple[set[tuple[int, int]] | None, str]:
     """The universal neurons of one model, from universal.parquet or profiles.parquet (None: neither)."""
     for name in ("universal.parquet", "profiles.parquet"):
@@ -947,7 +936,7 @@ def run_roles(
 
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
-    manifest = _read_manifest(run_dir)
+    manifest = read_run(run_dir)
     thresholds = thresholds or RoleThresholds()
     labels = list(manifest["labels"])
     chosen = list(models) if models else list(manifest["analysed"])

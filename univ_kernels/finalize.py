@@ -146,6 +146,16 @@ def _extreme(values: torch.Tensor, index: torch.Tensor, largest: bool) -> tuple[
     return torch.where(empty, float("nan"), best), torch.where(empty, -1, idx)
 
 
+def _assemble(rows: list[torch.Tensor], cols: list[torch.Tensor], hist, inv_sd_a, inv_sd_b) -> CorrelationSummary:
+    """Reduce row and column partials (max values, max indices, min values, min indices; each [P, n]) to a summary."""
+    max_a, amax_a = _extreme(rows[0], rows[1], largest=True)
+    min_a, amin_a = _extreme(rows[2], rows[3], largest=False)
+    max_b, amax_b = _extreme(cols[0], cols[1], largest=True)
+    min_b, amin_b = _extreme(cols[2], cols[3], largest=False)
+    n_dead_a, n_dead_b = int(torch.isnan(inv_sd_a).sum()), int(torch.isnan(inv_sd_b).sum())
+    return CorrelationSummary(max_a, amax_a, min_a, amin_a, max_b, amax_b, min_b, amin_b, hist, n_dead_a, n_dead_b)
+
+
 def _summary_triton(c, ua, ub, ia, ib, bins: int) -> CorrelationSummary:
     M, N = c.shape
     block_m, block_n = (BLOCK_INTERP, BLOCK_INTERP) if interpreting() else (BLOCK_M, BLOCK_N)
@@ -173,24 +183,23 @@ def _summary_triton(c, ua, ub, ia, ib, bins: int) -> CorrelationSummary:
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
-    max_a, amax_a = _extreme(row[0][None], row[1][None], largest=True)
-    min_a, amin_a = _extreme(row[2][None], row[3][None], largest=False)
-    max_b, amax_b = _extreme(col[0], col[1], largest=True)
-    min_b, amin_b = _extreme(col[2], col[3], largest=False)
-    counts = hist.sum(0, dtype=torch.int64)[:bins]
-    return CorrelationSummary(
-        max_a,
-        amax_a,
-        min_a,
-        amin_a,
-        max_b,
-        amax_b,
-        min_b,
-        amin_b,
-        counts,
-        int(torch.isnan(ia).sum()),
-        int(torch.isnan(ib).sum()),
-    )
+    return _assemble([t[None] for t in row], col, hist.sum(0, dtype=torch.int64)[:bins], ia, ib)
+
+
+def _empty_summary(n_a: int, n_b: int, bins: int, device, inv_sd_a, inv_sd_b) -> CorrelationSummary:
+    """No partner at all: one partial of ±inf per side, which ``_extreme`` answers with NaN and −1."""
+
+    def partials(n):
+        idx = torch.zeros((1, n), dtype=torch.int64, device=device)
+        return [
+            torch.full((1, n), float("-inf"), device=device),
+            idx,
+            torch.full((1, n), float("inf"), device=device),
+            idx,
+        ]
+
+    hist = torch.zeros(bins, dtype=torch.int64, device=device)
+    return _assemble(partials(n_a), partials(n_b), hist, inv_sd_a, inv_sd_b)
 
 
 def correlation_matrix(c, u_a, u_b, inv_sd_a, inv_sd_b) -> torch.Tensor:
@@ -220,23 +229,8 @@ def summary_torch(c, u_a, u_b, inv_sd_a, inv_sd_b, bins: int = 100) -> Correlati
             col_parts[2 * k + 1].append(i + r0)
         b = ((r[valid] + 1.0) * (bins * 0.5)).to(torch.int64).clamp(max=bins - 1)
         hist += torch.bincount(b, minlength=bins)
-    max_a, amax_a = _extreme(torch.cat(out_a[0])[None], torch.cat(out_a[1])[None], largest=True)
-    min_a, amin_a = _extreme(torch.cat(out_a[2])[None], torch.cat(out_a[3])[None], largest=False)
-    max_b, amax_b = _extreme(torch.stack(col_parts[0]), torch.stack(col_parts[1]), largest=True)
-    min_b, amin_b = _extreme(torch.stack(col_parts[2]), torch.stack(col_parts[3]), largest=False)
-    return CorrelationSummary(
-        max_a,
-        amax_a,
-        min_a,
-        amin_a,
-        max_b,
-        amax_b,
-        min_b,
-        amin_b,
-        hist,
-        int(torch.isnan(inv_sd_a).sum()),
-        int(torch.isnan(inv_sd_b).sum()),
-    )
+    rows = [torch.cat(parts)[None] for parts in out_a]
+    return _assemble(rows, [torch.stack(parts) for parts in col_parts], hist, inv_sd_a, inv_sd_b)
 
 
 def correlation_summary(
@@ -268,6 +262,8 @@ def correlation_summary(
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     vecs = [t.to(device=c.device, dtype=torch.float32).contiguous() for t in (u_a, u_b, inv_sd_a, inv_sd_b)]
+    if n_a == 0 or n_b == 0:  # no partner at all: every neuron is answered as a dead one would be
+        return _empty_summary(n_a, n_b, bins, c.device, vecs[2], vecs[3])
     if resolve_backend(backend, c.device) == "triton":
         return _summary_triton(c, *vecs, bins=bins)
     return summary_torch(c, *vecs, bins=bins)

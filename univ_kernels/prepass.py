@@ -113,6 +113,8 @@ if triton is not None:
 
 def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dtype) -> Prepassed:
     T, n = x.shape
+    if T == 0:  # nothing to read: no launch (a split of zero rows is undefined)
+        return prepass_torch(x, shift, operand_dtype)
     interp = interpreting()
     block_t, block_n = (BLOCK_T_INTERP, BLOCK_N_INTERP) if interp else (BLOCK_T, BLOCK_N)
     n_col_blocks = cdiv(n, block_n)
@@ -125,28 +127,24 @@ def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.d
     sumsq = torch.empty_like(sums)
     bad = torch.empty((splits, n), dtype=torch.int32, device=x.device)
     ovf = torch.empty_like(bad)
-    if T > 0:
-        _prepass_kernel[(n_col_blocks, splits)](
-            x,
-            shift,
-            out,
-            sums,
-            sumsq,
-            bad,
-            ovf,
-            T,
-            n,
-            rows_per_split,
-            x.stride(0),
-            x.stride(1),
-            OUT_DTYPE=triton_dtype(operand_dtype),
-            ROUND_BF16=interp and operand_dtype == torch.bfloat16,
-            BLOCK_T=block_t,
-            BLOCK_N=block_n,
-        )
-    else:
-        for t in (sums, sumsq, bad, ovf):
-            t.zero_()
+    _prepass_kernel[(n_col_blocks, splits)](
+        x,
+        shift,
+        out,
+        sums,
+        sumsq,
+        bad,
+        ovf,
+        T,
+        n,
+        rows_per_split,
+        x.stride(0),
+        x.stride(1),
+        OUT_DTYPE=triton_dtype(operand_dtype),
+        ROUND_BF16=interp and operand_dtype == torch.bfloat16,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+    )
     return Prepassed(
         out, shift, sums.sum(0), sumsq.sum(0), bad.sum(0, dtype=torch.int32), ovf.sum(0, dtype=torch.int32)
     )
