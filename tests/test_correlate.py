@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import corpus_text, save_tiny_model
+from transformers.pytorch_utils import Conv1D
 
 from univ import correlate as corr_mod
 from univ.baseline import rotation
@@ -28,17 +29,28 @@ def zoo(tmp_path_factory):
     return paths, data
 
 
-def permuted_copy(src, dst):
-    """Permute neurons within each layer (c_fc columns and bias, c_proj rows): the function is unchanged."""
+def permuted_copy(src, dst, seed=123):
+    """Permute neurons within each layer (MLP input rows/columns and bias, output columns/rows): same function.
+
+    Works through the adapter's module paths, so GPT-2 (Conv1D, [in, out]), NeoX and gated Llama MLPs
+    (Linear, [out, in]; gate and up permuted alike) are all covered.
+    """
     lm = load_model(str(src))
-    g = torch.Generator().manual_seed(123)
+    a = lm.adapter
+    g = torch.Generator().manual_seed(seed)
     perms = []
     with torch.no_grad():
-        for block in lm.model.transformer.h:
-            p = torch.randperm(block.mlp.c_fc.weight.shape[1], generator=g)
-            block.mlp.c_fc.weight.copy_(block.mlp.c_fc.weight[:, p])
-            block.mlp.c_fc.bias.copy_(block.mlp.c_fc.bias[p])
-            block.mlp.c_proj.weight.copy_(block.mlp.c_proj.weight[p, :])
+        for i in range(lm.n_layers):
+            block = lm.layer(i)
+            p = torch.randperm(lm.d_mlp, generator=g)
+            for path in [a.mlp_in] + ([a.mlp_up] if a.mlp_up else []):
+                mod = block.get_submodule(path)
+                conv1d = isinstance(mod, Conv1D)  # GPT-2 stores [in, out]
+                mod.weight.copy_(mod.weight[:, p] if conv1d else mod.weight[p, :])
+                if mod.bias is not None:
+                    mod.bias.copy_(mod.bias[p])
+            out = block.get_submodule(a.mlp_out)
+            out.weight.copy_(out.weight[p, :] if isinstance(out, Conv1D) else out.weight[:, p])
             perms.append(p)
     lm.model.save_pretrained(dst)
     lm.tokenizer.save_pretrained(dst)
@@ -72,6 +84,22 @@ def test_self_and_permuted_copy_recovered_exactly(zoo, tmp_path):
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["tokens"] == 1500 and manifest["labels"] == ["gpt2-seed0", "gpt2-seed0-2", "perm"]
     assert not (out / "checkpoint.json").exists() and (out / "state" / "pass-0.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_permuted_copy_recovered_for_other_architectures(zoo, tmp_path, arch):
+    _, data = zoo
+    src = save_tiny_model(tmp_path, arch, seed=3)
+    perm, perms = permuted_copy(src, tmp_path / "perm")
+    out = run(cfg_for([src, perm], data, tmp_path / "r", tokens=800), progress=False, log=lambda *_: None)
+    t = pd.read_parquet(out / "neurons.parquet")
+    t = t[t["max_corr.perm"].notna()]
+    assert len(t) > 0.9 * 2 * load_model(str(src)).d_mlp
+    inverse = [torch.argsort(p).numpy() for p in perms]
+    np.testing.assert_allclose(t["max_corr.perm"], 1.0, atol=1e-5)
+    assert (t["argmax_layer.perm"] == t["layer"]).all()
+    expected = [inverse[layer][n] for layer, n in zip(t["layer"], t["neuron"], strict=True)]
+    np.testing.assert_array_equal(t["argmax_neuron.perm"].to_numpy(), expected)
 
 
 def test_different_seeds_below_one_and_above_baseline(zoo, tmp_path):
