@@ -18,8 +18,15 @@ def micro_zoo(tmp_path_factory):
 
 def test_demo_runs_every_stage(micro_zoo, tmp_path):
     lines = []
-    out = run_demo(tmp_path / "demo", tokens=3000, zoo_dir=micro_zoo, batch_size=8, progress=False,
-                   log=lambda *a: lines.append(" ".join(map(str, a))))
+    out = run_demo(
+        tmp_path / "demo",
+        tokens=3000,
+        zoo_dir=micro_zoo,
+        batch_size=8,
+        intervention_tokens=1024,
+        progress=False,
+        log=lambda *a: lines.append(" ".join(map(str, a))),
+    )
     text = "\n".join(lines)
     assert "zoo: 3 seeds" in text and "excess>0.50" in text and "report:" in text
     neurons = pd.read_parquet(out / "neurons.parquet")

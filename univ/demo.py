@@ -23,8 +23,12 @@ DEFAULT_TOKENS = 150_000  # of the ~185 k held-out tokens; enough for r to settl
 
 
 def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo_dir: str | Path | None = None,
-             device: str | None = None, batch_size: int = 16, progress: bool = True, log=print) -> Path:
-    """Run every stage on the zoo; returns the output directory (which holds ``report.html``)."""
+             device: str | None = None, batch_size: int = 16, intervention_tokens: int = 16_384,
+             progress: bool = True, log=print) -> Path:
+    """Run every stage on the zoo; returns the output directory (which holds ``report.html``).
+
+    ``intervention_tokens``: tokens each fixed-activation pass of ``univ roles`` reads.
+    """
     out = Path(out)
     zoo_dir = Path(zoo_dir) if zoo_dir is not None else zoo.ensure_zoo()
     manifest = zoo.read_manifest(zoo_dir)
@@ -40,12 +44,12 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     for stale in (out / "checkpoint.json",):  # a demo interrupted earlier just starts again
         stale.unlink(missing_ok=True)
     run_correlate(cfg, progress=progress, log=log)
-    for stage in _later_stages():
+    for stage in _later_stages(intervention_tokens):
         stage(out, log=log)
     return out
 
 
-def _later_stages():
+def _later_stages(intervention_tokens: int):
     """The analysis stages after correlate, in pipeline order (each reads and extends the run directory)."""
     from univ.analyze import run_analyze
     from univ.report import run_report
@@ -55,7 +59,7 @@ def _later_stages():
         run_analyze(out, progress=False, verbose=log is print)
 
     def roles(out, log):
-        run_roles(out, log=log)
+        run_roles(out, tokens=intervention_tokens, log=log)
 
     def report(out, log):
         log(f"report: {run_report(out)}")
