@@ -41,10 +41,15 @@ class ColumnMoments:
         self.shift: torch.Tensor | None = None
         self.s1 = torch.zeros(n_cols, dtype=torch.float64, device=self.device)
         self.s2 = torch.zeros(n_cols, dtype=torch.float64, device=self.device)
+        self._operand_buf: torch.Tensor | None = None  # CPU fp32 operands: reused batch after batch
 
     # -- update ------------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, *, operand_dtype: torch.dtype, backend: str = "auto") -> Prepassed:
-        """Validate and pre-pass one batch [T, n_cols]; raises ValueError on non-finite or overflowing values."""
+        """Validate and pre-pass one batch [T, n_cols]; raises ValueError on non-finite or overflowing values.
+
+        On CPU with fp32 operands the returned operand lives in a buffer reused by this side's next
+        ``prepare``: use it (run the GEMMs) before preparing the next batch of the same side.
+        """
         check_activations(x, self.name, self.n_cols)
         if x.device != self.device:
             raise ValueError(
@@ -52,9 +57,17 @@ class ColumnMoments:
                 f"(x.to('{self.device}')) or build the accumulator with device='{x.device}'"
             )
         shift = self.shift if self.shift is not None else first_shift(x)
-        p = prepass(x, shift, operand_dtype=operand_dtype, backend=backend)
+        out = self._operand_buffer(x.shape[0]) if self.device.type == "cpu" and operand_dtype == torch.float32 else None
+        p = prepass(x, shift, operand_dtype=operand_dtype, backend=backend, out=out)
         _raise_if_bad(p, self.name, operand_dtype)
         return p
+
+    def _operand_buffer(self, t: int) -> torch.Tensor:
+        """[≥ t, n_cols] fp32, kept between batches: a fresh 50 MB operand costs ~10 ms of page faults on CPU
+        (bench/RESULTS.md). So the operand ``prepare`` returns is valid until this side's next ``prepare``."""
+        if self._operand_buf is None or self._operand_buf.shape[0] < t:
+            self._operand_buf = torch.empty((t, self.n_cols), dtype=torch.float32, device=self.device)
+        return self._operand_buf
 
     def commit(self, p: Prepassed) -> None:
         if p.n_tokens == 0:

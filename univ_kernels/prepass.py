@@ -34,6 +34,10 @@ BLOCK_T, BLOCK_N = 64, 128
 BLOCK_T_INTERP, BLOCK_N_INTERP = 32, 32
 # Enough programs to fill a GPU: split T so that programs ≥ ~4 × 132 SMs even for narrow batches.
 TARGET_PROGRAMS = 528
+# CPU, fp32 operands: y = x − s is written and summed 512 rows at a time, so y² never exists whole. At
+# T = 4,096, n = 3,072 on 2 Xeon cores the whole-tensor version's fresh 50 MB temporaries page-faulted
+# for as long as its arithmetic took (bench/RESULTS.md); 512 rows keep the op count, i.e. OpenMP regions, low.
+ROWS_PER_BLOCK_CPU = 512
 
 
 class Prepassed(NamedTuple):
@@ -150,8 +154,38 @@ def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.d
     )
 
 
-def prepass_torch(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dtype) -> Prepassed:
-    """The pre-pass in plain PyTorch: the CPU backend and the reference the Triton kernel is tested against."""
+def _prepass_cpu_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None) -> Prepassed | None:
+    """fp32 operands on CPU, block by block into ``out[:T]`` (or a new tensor); None if a sum is not finite."""
+    T, n = x.shape
+    y = out[:T] if out is not None else torch.empty((T, n), dtype=torch.float32)  # [T, n] fp32, contiguous
+    col_sum = torch.zeros(n)
+    col_sumsq = torch.zeros(n)
+    sq = torch.empty((min(ROWS_PER_BLOCK_CPU, T), n))  # y² of one block, reused
+    for r0 in range(0, T, ROWS_PER_BLOCK_CPU):
+        blk = y[r0 : r0 + ROWS_PER_BLOCK_CPU]
+        torch.sub(x[r0 : r0 + ROWS_PER_BLOCK_CPU], shift, out=blk)  # promotes 16-bit x to fp32
+        col_sum += blk.sum(0)
+        blk_sq = sq[: blk.shape[0]]
+        torch.mul(blk, blk, out=blk_sq)
+        col_sumsq += blk_sq.sum(0)
+    if not bool(torch.isfinite(col_sum).all() and torch.isfinite(col_sumsq).all()):  # sync
+        return None  # the exact per-column counts below
+    zeros = torch.zeros(n, dtype=torch.int32)
+    return Prepassed(y, shift, col_sum, col_sumsq, zeros, zeros)
+
+
+def prepass_torch(
+    x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dtype, out: torch.Tensor | None = None
+) -> Prepassed:
+    """The pre-pass in plain PyTorch: the CPU backend and the reference the Triton kernel is tested against.
+
+    ``out``: an optional contiguous [≥ T, n] fp32 CPU buffer for the operand (fp32 operands on CPU only), so
+    a caller streaming many batches (``ColumnMoments``) does not pay for a fresh tensor every batch.
+    """
+    if x.device.type == "cpu" and operand_dtype == torch.float32:
+        p = _prepass_cpu_fp32(x, shift, out)
+        if p is not None:
+            return p
     y = x.float() - shift  # [T, n] fp32 (a fresh tensor: x is never modified)
     operand = y.to(operand_dtype) if operand_dtype != torch.float32 else y
     back = operand.float()
@@ -171,7 +205,12 @@ def prepass_torch(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dty
 
 
 def prepass(
-    x: torch.Tensor, shift: torch.Tensor, *, operand_dtype: torch.dtype = torch.float32, backend: str = "auto"
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    operand_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> Prepassed:
     """Shift, cast and column moments of ``x`` [T, n] in one read (see the module docstring).
 
@@ -184,4 +223,4 @@ def prepass(
     shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
     if resolve_backend(backend, x.device) == "triton":
         return _prepass_triton(x, shift, operand_dtype)
-    return prepass_torch(x, shift, operand_dtype)
+    return prepass_torch(x, shift, operand_dtype, out=out)
