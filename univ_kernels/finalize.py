@@ -227,8 +227,9 @@ def summary_torch(c, u_a, u_b, inv_sd_a, inv_sd_b, bins: int = 100) -> Correlati
             v, i = fn(vals, dim=0)
             col_parts[2 * k].append(v)
             col_parts[2 * k + 1].append(i + r0)
-        b = ((r[valid] + 1.0) * (bins * 0.5)).to(torch.int64).clamp(max=bins - 1)
-        hist += torch.bincount(b, minlength=bins)
+        # Bin every pair and send dead ones (NaN) to an extra bin that is dropped: cheaper than r[valid].
+        b = ((r + 1.0) * (bins * 0.5)).clamp(max=bins - 1).nan_to_num(nan=bins).to(torch.int64)
+        hist += torch.bincount(b.flatten(), minlength=bins + 1)[:bins]
     rows = [torch.cat(parts)[None] for parts in out_a]
     return _assemble(rows, [torch.stack(parts) for parts in col_parts], hist, inv_sd_a, inv_sd_b)
 
