@@ -201,7 +201,8 @@ def test_shipped_zoo_is_intact():
 
     shipped = zoo.shipped_zoo_dir()
     manifest = zoo.read_manifest(shipped)
-    assert manifest["config"] == {**asdict(zoo.ZooConfig()), "fp16": True}
+    identity = {k: v for k, v in asdict(zoo.ZooConfig()).items() if k not in zoo._NOT_IDENTITY}
+    assert {k: manifest["config"][k] for k in identity} == identity  # threads/fp16 change bytes, not the zoo
     assert zoo.ensure_zoo(tuple(manifest["seeds"])) == shipped
     for m in manifest["models"]:
         for name, digest in m["sha256"].items():
