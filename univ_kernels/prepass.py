@@ -155,19 +155,24 @@ def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.d
 
 
 def _prepass_cpu_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None) -> Prepassed | None:
-    """fp32 operands on CPU, block by block into ``out[:T]`` (or a new tensor); None if a sum is not finite."""
+    """fp32 operands on CPU, block by block into ``out[:T]`` (or a new tensor); None if a sum is not finite.
+
+    Column sums are matrix-vector products with a ones vector (BLAS gemv): on 2 Xeon cores they take half
+    the time of ``sum(0)``, a strided reduction over a row-major block (0.56 vs 1.06 ms at 2048 × 768).
+    """
     T, n = x.shape
     y = out[:T] if out is not None else torch.empty((T, n), dtype=torch.float32)  # [T, n] fp32, contiguous
+    rows = min(ROWS_PER_BLOCK_CPU, T)
+    ones = torch.ones(rows)
     col_sum = torch.zeros(n)
     col_sumsq = torch.zeros(n)
-    sq = torch.empty((min(ROWS_PER_BLOCK_CPU, T), n))  # y² of one block, reused
+    sq = torch.empty((rows, n))  # y² of one block, reused
     for r0 in range(0, T, ROWS_PER_BLOCK_CPU):
-        blk = y[r0 : r0 + ROWS_PER_BLOCK_CPU]
+        blk = y[r0 : r0 + ROWS_PER_BLOCK_CPU]  # [rows, n]
+        k = blk.shape[0]
         torch.sub(x[r0 : r0 + ROWS_PER_BLOCK_CPU], shift, out=blk)  # promotes 16-bit x to fp32
-        col_sum += blk.sum(0)
-        blk_sq = sq[: blk.shape[0]]
-        torch.mul(blk, blk, out=blk_sq)
-        col_sumsq += blk_sq.sum(0)
+        col_sum.addmv_(blk.t(), ones[:k])
+        col_sumsq.addmv_(torch.mul(blk, blk, out=sq[:k]).t(), ones[:k])
     if not bool(torch.isfinite(col_sum).all() and torch.isfinite(col_sumsq).all()):  # sync
         return None  # the exact per-column counts below
     zeros = torch.zeros(n, dtype=torch.int32)
