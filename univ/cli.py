@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="univ",
         description="Find universal neurons across language-model seeds and explain what they do.",
-        epilog="Run 'univ COMMAND --help' for the options of a command.",
+        epilog=(
+            "examples:\n"
+            "  univ demo                                    # everything on the shipped seed zoo, ~1 min on a CPU\n"
+            "  univ correlate seed-a seed-b seed-c --data corpus.txt --tokens 1000000 --out runs/small\n"
+            "  univ analyze runs/small && univ roles runs/small && univ report runs/small\n\n"
+            "Run 'univ COMMAND --help' for the options of a command."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"univ {__version__}")
