@@ -289,3 +289,37 @@ def test_cli_correlate_and_help(zoo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["correlate", "--help"])
     assert "univ correlate" in capsys.readouterr().out
+
+
+def test_activation_stats_in_the_same_pass_and_across_resume(zoo, tmp_path, monkeypatch):
+    from univ.stats import ActivationStats
+
+    paths, data = zoo
+    cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "a", activation_stats=True)
+    stats = pd.read_parquet(run(cfg, progress=False, log=lambda *_: None) / "activation_stats.parquet")
+    lm = load_model(str(paths[0]))
+    ref = ActivationStats(lm.n_layers, lm.d_mlp)
+    for b in token_batches(str(data), lm.tokenizer, ctx=cfg.ctx, batch_size=cfg.batch_size, max_tokens=cfg.tokens,
+                           excluded=excluded_token_ids(lm.tokenizer)):
+        acts = collect_mlp_activations(lm, b.input_ids, keep=b.keep, pre=True, post=True)
+        ref.update(acts.pre, acts.post)
+    expected = ref.result()
+    assert (stats["model"] == "gpt2-seed0").all() and len(stats) == len(expected)
+    for col in ("act_mean", "act_var", "act_skew", "act_kurt", "act_freq", "post_mean"):
+        np.testing.assert_allclose(stats[col], expected[col], rtol=1e-6, atol=1e-9, err_msg=col)
+
+    resumed_cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "b", activation_stats=True, checkpoint_every=300)
+    real, calls = corr_mod.process_batch, {"n": 0}
+
+    def crashing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    with pytest.raises(RuntimeError):
+        run(resumed_cfg, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(corr_mod, "process_batch", real)
+    out = run(resumed_cfg, resume=True, progress=False, log=lambda *_: None)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "activation_stats.parquet"), stats, rtol=1e-9, atol=1e-12)

@@ -32,6 +32,7 @@ import torch
 from univ import __version__
 from univ.baseline import KINDS as BASELINES
 from univ.baseline import rotated_inv_sd, rotation
+from univ.stats import ActivationStats
 from univ_kernels import ColumnMoments, comoment_update, correlation_summary
 from univ_kernels.streaming import atomic_write_bytes, default_operand_dtype
 
@@ -68,6 +69,7 @@ class CorrelateConfig:
     memory_budget_gb: float | None = None  # accumulator budget; default: 90 % of free device memory
     checkpoint_every: int | None = None  # tokens between checkpoints (None: only at pass ends / Ctrl-C)
     save_state: bool = True  # keep the accumulators (safetensors) in OUT/state for re-analysis
+    activation_stats: bool = False  # also stream the analysed models' activation statistics (univ stats)
     bins: int = 100
     trust_remote_code: bool = False
 
@@ -238,6 +240,12 @@ class RunState:
         # results[(a, m)]: a's neurons against m: max, argmax, baseline (filled block by block)
         self.results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.hist: dict[tuple[int, int], torch.Tensor] = {}
+        # Activation statistics of the analysed models, gathered on the first pass (same tokens every pass).
+        self.act_stats: dict[int, ActivationStats] = {}
+        if cfg.activation_stats:
+            for a in sorted({a for a, _ in pairs_for(cfg.mode, len(models))} | (
+                    set(range(len(models))) if cfg.mode == "all-pairs" else set())):
+                self.act_stats[a] = ActivationStats(models[a].n_layers, models[a].d_mlp)
         for a, m in pairs_for(cfg.mode, len(models)):
             for x, y in ((a, m), (m, a)) if cfg.mode == "all-pairs" else ((a, m),):
                 n = models[x].n_neurons
@@ -282,11 +290,16 @@ class RunState:
                 out[f"result.{a}.{m}.{k}"] = v
         for (a, m), h in self.hist.items():
             out[f"hist.{a}.{m}"] = h
+        for i, st in self.act_stats.items():
+            shift = st.shift if st.shift is not None else torch.zeros_like(st.post_sum)
+            out.update({f"stats.{i}.shift": shift, f"stats.{i}.sums": st.sums, f"stats.{i}.n_pos": st.n_pos,
+                        f"stats.{i}.post_sum": st.post_sum})
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def counters(self) -> dict:
         return {"pass_index": self.pass_index, "batches_done": self.batches_done, "tokens_done": self.tokens_done,
-                "moments_n": [m.n for m in self.moments]}
+                "moments_n": [m.n for m in self.moments],
+                "stats_n": {str(i): [st.n, st.n_post, st.shift is not None] for i, st in self.act_stats.items()}}
 
     def load(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
         self.start_pass(counters["pass_index"])
@@ -302,6 +315,11 @@ class RunState:
                 r[k] = tensors[f"result.{a}.{m}.{k}"].clone()
         for key in self.hist:
             self.hist[key] = tensors[f"hist.{key[0]}.{key[1]}"].clone()
+        for i, st in self.act_stats.items():
+            st.n, st.n_post, has_shift = counters["stats_n"][str(i)]
+            st.shift = tensors[f"stats.{i}.shift"].clone() if has_shift else None
+            st.sums, st.n_pos = tensors[f"stats.{i}.sums"].clone(), tensors[f"stats.{i}.n_pos"].clone()
+            st.post_sum = tensors[f"stats.{i}.post_sum"].clone()
 
 
 def write_checkpoint(out: Path, state: RunState, cfg: CorrelateConfig) -> None:
@@ -376,10 +394,13 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     from univ.models import collect_mlp_activations
 
     t0 = time.perf_counter()
-    acts = []
-    for lm in models:
-        post = collect_mlp_activations(lm, input_ids, keep=keep, post=True).post  # [T, L, d]
-        acts.append(post.reshape(post.shape[0], -1))  # [T, L·d]
+    acts, pres = [], {}
+    for i, lm in enumerate(models):
+        want_pre = state.pass_index == 0 and i in state.act_stats
+        got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
+        if want_pre:
+            pres[i] = (got.pre, got.post)
+        acts.append(got.post.reshape(got.post.shape[0], -1))  # [T, L·d]
     _sync(state.device)
     t1 = time.perf_counter()
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
@@ -398,6 +419,8 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
                 comoment_update(w[layer], sl, sl, backend=cfg.backend, gemm=cfg.gemm)
     for mom, p in zip(state.moments, prepped, strict=True):
         mom.commit(p)
+    for i, (pre, post) in pres.items():  # after the kernels' checks: a rejected batch changes nothing
+        state.act_stats[i].update(pre, post)
     _sync(state.device)
     timings["forward_s"] += t1 - t0
     timings["kernels_s"] += time.perf_counter() - t1
@@ -529,7 +552,7 @@ def _inf_to_nan(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dict) -> pd.DataFrame:
-    """Write ``neurons.parquet`` (+ csv), ``histograms.parquet``, ``run.json``.
+    """Write ``neurons.parquet`` (+ csv), ``histograms.parquet``, ``run.json`` (and ``activation_stats.parquet``).
 
     neurons.parquet columns: ``model`` (label), ``layer``, ``neuron``; per compared model m:
     ``max_corr.<m>`` (max Pearson r over all of m's neurons), ``argmax_layer.<m>``, ``argmax_neuron.<m>``
@@ -544,6 +567,11 @@ def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dic
     hist_rows = [{"model": labels[a], "other": labels[m], "bin_left": edges[i], "bin_right": edges[i + 1],
                   "count": int(h[i])} for (a, m), h in state.hist.items() for i in range(cfg.bins)]
     pd.DataFrame(hist_rows).to_parquet(out / "histograms.parquet", index=False)
+    if state.act_stats:  # the same columns `univ stats` computes from activations, streamed in this pass
+        frames = [st.result().assign(model=labels[i]) for i, st in state.act_stats.items()]
+        stats = pd.concat(frames, ignore_index=True)
+        stats = stats[["model", *[c for c in stats.columns if c != "model"]]]
+        stats.to_parquet(out / "activation_stats.parquet", index=False)
     atomic_write_bytes(out / "run.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     return table
 
@@ -763,6 +791,9 @@ def register(subparsers) -> None:
                    help="write a checkpoint every TOKENS tokens (atomic); Ctrl-C always writes one")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--no-save-state", action="store_true", help="do not keep the accumulators in OUT/state")
+    p.add_argument("--activation-stats", action="store_true",
+                   help="also stream the analysed models' pre-activation moments and frequencies in this pass "
+                        "(OUT/activation_stats.parquet, the columns of 'univ stats')")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own code (off by default)")
     p.set_defaults(func=main)
 
@@ -774,7 +805,8 @@ def config_from_args(args) -> CorrelateConfig:
         seed=args.seed, text_field=args.text_field, split=args.split, exclude_newlines=not args.keep_newlines,
         device=args.device, dtype=args.dtype, operand_dtype=args.operand_dtype, backend=args.backend, gemm=args.gemm,
         memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,
-        save_state=not args.no_save_state, trust_remote_code=args.trust_remote_code,
+        save_state=not args.no_save_state, activation_stats=args.activation_stats,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
