@@ -163,6 +163,14 @@ def available_memory(device: torch.device) -> int:
     return 8 << 30
 
 
+def format_bytes(n: float) -> str:
+    """1.23 GB, 45.6 MB, 32.8 kB: plans span toy models to 38.7 GB accumulators."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], device: torch.device,
               batch_bytes: int) -> Plan:
     """Pack blocks into passes under the memory budget; raise if even a one-layer block cannot fit."""
@@ -184,8 +192,8 @@ def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], devic
         if per_layer > budget:
             raise MemoryError(
                 f"even the smallest block (one layer of model {a}, {d_mlp[a]} neurons, against all "
-                f"{n_layers[m] * d_mlp[m]} neurons of model {m}) needs {per_layer / 1e9:.2f} GB, more than the "
-                f"{max(budget, 0) / 1e9:.2f} GB budget on {device}. Use a device with more memory, free memory, "
+                f"{n_layers[m] * d_mlp[m]} neurons of model {m}) needs {format_bytes(per_layer)}, more than the "
+                f"{format_bytes(max(budget, 0))} budget on {device}. Use a device with more memory, free memory, "
                 "or raise --memory-budget if the estimate is too cautious."
             )
         while start < n_layers[a]:
@@ -203,7 +211,7 @@ def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], devic
 
 
 def describe_plan(plan: Plan, cfg: CorrelateConfig, models, device: torch.device) -> str:
-    gb = lambda b: f"{b / 1e9:8.3f} GB"  # noqa: E731
+    gb = lambda b: f"{format_bytes(b):>10s}"  # noqa: E731
     lines = [f"memory plan on {device} ({len(plan.passes)} pass{'es' if len(plan.passes) > 1 else ''}):"]
     for i, lm in enumerate(models):
         params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
