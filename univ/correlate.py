@@ -341,7 +341,10 @@ def write_checkpoint(out: Path, state: RunState, cfg: CorrelateConfig) -> None:
 def read_checkpoint(out: Path, cfg: CorrelateConfig) -> tuple[dict, dict[str, torch.Tensor]]:
     meta_path = out / f"{CHECKPOINT}.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {meta_path.name}); start without --resume")
+        finished = " (its run.json says the run there finished)" if (out / "run.json").exists() else ""
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {out}{finished} (expected {meta_path.name}); start without --resume"
+        )
     meta = json.loads(meta_path.read_text())
     saved, now = meta["fingerprint"], cfg.fingerprint()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
