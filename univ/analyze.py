@@ -125,7 +125,8 @@ def profile_model(
     return ModelProfile(stats=stats_df, families=fam_df, top=top_df, tokens=seen)
 
 
-def _data_spec(manifest: dict[str, Any], tokens: int | None, batch_size: int | None) -> Any:
+def run_data_spec(manifest: dict[str, Any], tokens: int | None, batch_size: int | None) -> Any:
+    """The run's token stream (``DataSpec``) from run.json, with the token budget or batch size overridden."""
     from univ.data import DataSpec
 
     data = dict(manifest.get("data") or {})
@@ -143,7 +144,7 @@ def _data_spec(manifest: dict[str, Any], tokens: int | None, batch_size: int | N
     return dataclasses.replace(spec, **changes)
 
 
-def _excluded(manifest: dict[str, Any], tokenizer: Any) -> set[int] | None:
+def run_excluded(manifest: dict[str, Any], tokenizer: Any) -> set[int] | None:
     """The positions the correlate run skipped: BOS/EOS/pad, and newlines unless it kept them."""
     from univ.data import excluded_token_ids
 
@@ -192,7 +193,7 @@ def profile_run(
     thresholds = thresholds or FamilyThresholds()
     say = print if verbose else (lambda *a, **k: None)
     manifest = read_run(run_dir)
-    stream = _RunStream(manifest, _data_spec(manifest, tokens, batch_size))
+    stream = _RunStream(manifest, run_data_spec(manifest, tokens, batch_size))
     neurons = _selection(run_dir, threshold, rule, write=outputs == "all", say=say)
     nlp = None
     if families and syntax != "off":
@@ -271,7 +272,7 @@ class _RunStream:
         return token_batches(
             **_batch_kwargs(self.spec, max_tokens),
             tokenizer=lm.tokenizer,
-            excluded=_excluded(self.manifest, lm.tokenizer),
+            excluded=run_excluded(self.manifest, lm.tokenizer),
         )
 
     def batches(self, lm: Any) -> Any:

@@ -85,20 +85,16 @@ def _universal_pool(run_dir: Path, label: str) -> tuple[set[tuple[int, int]] | N
 
 
 def _run_batches(manifest: dict, tokenizer: Any, tokens: int, batch_size: int | None, data: str | None) -> list:
-    from univ.data import excluded_token_ids, token_batches
+    """The run's own token stream and exclusions (as ``univ analyze`` reads them); ``data`` replaces the source."""
+    from univ.analyze import run_data_spec, run_excluded
 
-    spec = manifest.get("data") or {}
-    source = data or spec.get("source")
-    if not source:
+    spec = dict(manifest.get("data") or {})
+    if data:
+        spec["source"] = data
+    if not spec.get("source"):
         raise ValueError("run.json has no data source; pass --data FILE")
-    excluded = excluded_token_ids(tokenizer, newlines=bool(spec.get("exclude_newlines", True)))
-    return list(
-        token_batches(
-            source, tokenizer, ctx=int(spec.get("ctx", 512)), batch_size=int(batch_size or spec.get("batch_size", 8)),
-            seed=int(spec.get("seed", 0)), max_tokens=tokens, text_field=spec.get("text_field", "text"),
-            split=spec.get("split", "train"), excluded=excluded,
-        )
-    )  # fmt: skip
+    stream = run_data_spec({**manifest, "data": spec}, tokens, batch_size)
+    return list(stream.batches(tokenizer, excluded=run_excluded(manifest, tokenizer)))
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
