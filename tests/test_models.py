@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 
 from tests.helpers import ARCHS, save_tiny_model
 from univ import models
+from univ.errors import UserError
 from univ.models import (
     ActivationCapture,
+    ModelNotFoundError,
     attention_weights,
     check_same_tokenizer,
     collect_mlp_activations,
@@ -19,6 +22,7 @@ from univ.models import (
     mlp_activation,
     mlp_weights,
     run_with_neuron_values,
+    split_revision,
     unembedding,
 )
 
@@ -103,18 +107,92 @@ def test_unknown_architecture_says_how_to_add_it(tmp_path):
 
 
 def test_missing_local_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such local directory"):
+    with pytest.raises(ModelNotFoundError, match="no such local directory"):
         load_model(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_model(str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file"):  # still a FileNotFoundError for old callers
+        load_model(str(tmp_path / "file"))
 
 
-def test_unreachable_hub_name(monkeypatch):
+def test_offline_hub_name_fails_fast(monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast instead of retrying
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a model reachable"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"no such local directory.*HF_HUB_OFFLINE is set.*not in the Hugging Face"):
         load_model("univ-tests/no-such-model")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_bare_name_that_is_no_folder_fails_fast():
+    """The issue's case: 'seed-1' is neither a folder here nor a model the Hub serves (no network, or unknown)."""
+    t0 = time.perf_counter()
+    with pytest.raises(
+        UserError,
+        match=r"model 'seed-1': no such local directory, and the (Hub knows no|Hugging Face Hub is unreachable)",
+    ) as err:
+        load_model("seed-1")
+    assert time.perf_counter() - t0 < 5
+    assert "\n" not in str(err.value)  # one line
+
+
+def _hub_raises(monkeypatch, exc):
+    import huggingface_hub
+
+    def fake(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "model_info", fake)
+
+
+def _bare(cls):
+    """An instance of a huggingface_hub HTTP error without building an HTTP response."""
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, cls.__name__)
+    return exc
+
+
+def test_hub_errors_say_what_was_looked_for(monkeypatch):
+    from huggingface_hub import errors
+
+    _hub_raises(monkeypatch, ConnectionError("connection refused"))
+    with pytest.raises(ModelNotFoundError, match=r"unreachable \(connection refused\).*'owner/m' at revision 'step9'"):
+        load_model("owner/m@step9")
+    _hub_raises(monkeypatch, _bare(errors.RevisionNotFoundError))
+    with pytest.raises(ModelNotFoundError, match="no branch, tag or commit 'step9'"):
+        load_model("owner/m@step9")
+    _hub_raises(monkeypatch, _bare(errors.RepositoryNotFoundError))
+    with pytest.raises(ModelNotFoundError, match="the Hub knows no model 'owner/m'"):
+        load_model("owner/m")
+    # Unreachable but in the local cache: load from the cache without further network attempts.
+    _hub_raises(monkeypatch, ConnectionError("down"))
+    monkeypatch.setattr(models, "_in_cache", lambda repo, revision: True)
+    assert models._resolve_source("owner/m@v1") == models._Source("owner/m", "v1", hub=True, local_only=True)
+
+
+def test_split_revision(tmp_path):
+    assert split_revision("EleutherAI/pythia-160m-seed3@step12000") == ("EleutherAI/pythia-160m-seed3", "step12000")
+    assert split_revision("gpt2") == ("gpt2", None)
+    assert split_revision("gpt2@") == ("gpt2@", None)
+    odd = tmp_path / "runs@v2"
+    odd.mkdir()
+    assert split_revision(str(odd)) == (str(odd), None)  # an existing path is a path
+    assert split_revision(str(odd / "seed-0@step-1")) == (str(odd / "seed-0"), "step-1")
+
+
+def test_local_checkpoint_revision(tmp_path):
+    seed = save_tiny_model(tmp_path, "gpt2", seed=0, name="seed-0")
+    step = save_tiny_model(seed, "gpt2", seed=1, name="step-000010")  # a checkpoint inside the seed's folder
+    lm = load_model(f"{seed}@step-000010")
+    assert lm.name == f"{seed}@step-000010"
+    assert lm.meta["source"] == str(step) and lm.meta["revision"] == "step-000010" and lm.meta["commit"] is None
+    final = load_model(str(seed))
+    assert final.meta["revision"] is None
+    assert not torch.equal(lm.model.lm_head.weight, final.model.lm_head.weight)
+    with pytest.raises(ModelNotFoundError, match=r"no checkpoint subfolder 'step-9'.*it has: step-000010"):
+        load_model(f"{seed}@step-9")
 
 
 def test_register_adapter_refuses_silent_overwrite():

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from univ.errors import UserError
+
 __all__ = [
     "Adapter",
     "ActivationCapture",
@@ -45,6 +47,8 @@ __all__ = [
     "LoadedModel",
     "MlpActivations",
     "MlpWeights",
+    "ModelError",
+    "ModelNotFoundError",
     "attention_weights",
     "check_same_tokenizer",
     "collect_mlp_activations",
@@ -55,9 +59,22 @@ __all__ = [
     "mlp_weights",
     "register_adapter",
     "run_with_neuron_values",
+    "split_revision",
     "supported_model_types",
     "unembedding",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """The model is neither a local folder nor loadable from the Hub (a user error: one line, exit 2)."""
+
+
+class ModelError(UserError, ValueError):
+    """The model loads but univ cannot use it as asked: unknown architecture, tokenizer mismatch (exit 2)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -255,7 +272,7 @@ def get_adapter(model_type: str) -> Adapter:
     try:
         return _ADAPTERS[model_type]
     except KeyError:
-        raise ValueError(
+        raise ModelError(
             f"unsupported architecture: model_type {model_type!r}. Supported: {', '.join(supported_model_types())}. "
             "To add one, describe where its MLP, attention and norms live in a univ.models.Adapter and call "
             "univ.models.register_adapter(adapter)."
@@ -312,13 +329,144 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
     return _DTYPES[key]
 
 
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``owner/name``; anything else is meant as a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0  # one metadata request; transformers' own download path retries for ~30 s
+
+
+def split_revision(name_or_path: str) -> tuple[str, str | None]:
+    """``NAME@REVISION`` → (NAME, REVISION); anything else → (name, None).
+
+    A local path that exists is a path even if it contains '@'. The revision is a Hub branch, tag or commit
+    (``EleutherAI/pythia-160m-seed3@step12000``), or for a local model folder one of its checkpoint
+    subfolders (``runs/zoo/seed-0@step-000100`` is ``runs/zoo/seed-0/step-000100``).
+
+    Example:
+        >>> split_revision("EleutherAI/pythia-160m-seed3@step12000")
+        ('EleutherAI/pythia-160m-seed3', 'step12000')
+    """
+    if "@" not in name_or_path or Path(name_or_path).expanduser().exists():
+        return name_or_path, None
+    base, revision = name_or_path.rsplit("@", 1)
+    if not base or not revision:
+        return name_or_path, None
+    return base, revision
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where load_model reads from: a local folder, or a Hub id at a revision (``local_only``: from the cache)."""
+
+    path: str
+    revision: str | None  # as given (Hub) or the checkpoint subfolder (local)
+    hub: bool
+    local_only: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        if not self.hub:
+            return {}
+        return {"revision": self.revision, "local_files_only": self.local_only}
+
+
+def _local_source(name_or_path: str, base: str, revision: str | None) -> _Source | None:
+    local = Path(base).expanduser()
+    if not local.exists():
+        return None
+    if revision is not None:
+        if not (local / revision).is_dir():
+            steps = sorted(p.name for p in local.iterdir() if p.is_dir() and (p / "config.json").is_file())
+            raise ModelNotFoundError(
+                f"model {name_or_path!r}: the local folder {base!r} has no checkpoint subfolder {revision!r} "
+                f"(it has: {', '.join(steps) or 'none'}); a revision of a local model names one of its subfolders"
+            )
+        local = local / revision
+    if not local.is_dir():
+        raise ModelNotFoundError(f"model {name_or_path!r} is a file; pass the directory holding config.json")
+    if not (local / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model directory {str(local)!r} has no config.json; pass a directory written by save_pretrained"
+        )
+    return _Source(str(local), revision, hub=False)
+
+
+def _in_cache(repo: str, revision: str | None) -> bool:
+    """Is this repo's config (at this revision) in the local Hugging Face cache? No network."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(repo, revision=revision, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _hub_source(name_or_path: str, repo: str, revision: str | None) -> _Source:
+    """Decide in seconds whether a Hub id can load: offline mode → the cache; else one short metadata request.
+
+    Without this, a name that is not a local folder waits through ~30 s of download retries when the Hub is
+    unreachable. Network failures fall back to the cache; a name or revision the Hub does not know fails here.
+    """
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    at = f" at revision {revision!r}" if revision else ""
+    fix = "pass a local directory written by save_pretrained, or a Hub name of the form 'owner/name[@revision]'"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        if _in_cache(repo, revision):
+            return _Source(repo, revision, hub=True, local_only=True)
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: no such local directory, and HF_HUB_OFFLINE is set while {repo!r}{at} is "
+            f"not in the Hugging Face cache; {fix}, or download it once with the network on"
+        )
+    try:
+        huggingface_hub.model_info(repo, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except hub_errors.RevisionNotFoundError:
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: the Hub has {repo!r} but no branch, tag or commit {revision!r}; "
+            "list them with huggingface_hub.list_repo_refs"
+        ) from None
+    except hub_errors.GatedRepoError:
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is gated on the Hub: accept its terms on huggingface.co and log in "
+            "(hf auth login), or pass a local copy"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: no such local directory, and the Hub knows no model {repo!r} (or it is "
+            f"private: log in with hf auth login); {fix}"
+        ) from None
+    except hub_errors.HFValidationError:
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: no such local directory, and not a valid Hub name; {fix}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, HTTP 5xx: the Hub is unreachable
+        if _in_cache(repo, revision):
+            return _Source(repo, revision, hub=True, local_only=True)
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: no such local directory, and the Hugging Face Hub is unreachable ({reason}) "
+            f"with {repo!r}{at} not in its cache; {fix}, or retry with the network on"
+        ) from None
+    return _Source(repo, revision, hub=True)
+
+
+def _resolve_source(name_or_path: str) -> _Source:
+    base, revision = split_revision(name_or_path)
+    local = _local_source(name_or_path, base, revision)
+    if local is not None:
+        return local
+    if _looks_like_path(base):
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: no such local directory (and it is not a Hub name of the form 'owner/name')"
+        )
+    return _hub_source(name_or_path, base, revision)
 
 
 @dataclass
@@ -367,8 +515,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a Hugging Face Hub name.
 
-    The architecture is checked from the config before any weight is read, so an unsupported model fails fast.
-    dtype defaults to float32 on CPU and bfloat16 on CUDA.
+    ``NAME@REVISION`` loads a Hub branch, tag or commit (model and tokenizer), or a local model folder's
+    checkpoint subfolder (:func:`split_revision`). A name that is neither a local folder nor loadable from
+    the Hub fails within seconds with :class:`ModelNotFoundError` (offline mode and an unreachable Hub
+    included). The architecture is checked from the config before any weight is read, so an unsupported
+    model fails fast. dtype defaults to float32 on CPU and bfloat16 on CUDA.
 
     Example:
         >>> lm = load_model("runs/zoo/seed-0")  # doctest: +SKIP
@@ -380,49 +531,45 @@ def load_model(
 
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise NotADirectoryError(f"model {name_or_path!r} is a file; pass the directory holding config.json")
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model directory {str(local)!r} has no config.json; pass a directory written by save_pretrained"
-            )
-        source = str(local)
-    elif _looks_like_path(name_or_path):
-        raise FileNotFoundError(
-            f"model {name_or_path!r}: no such local directory (and it is not a Hub name of the form 'owner/name')"
-        )
-    else:
-        source = name_or_path
-
+    src = _resolve_source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
     except OSError as e:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a local directory nor a model reachable on the Hugging Face Hub "
-            f"({e}). Pass a directory written by save_pretrained, or check the name and the network "
-            "(offline: HF_HUB_OFFLINE=1 with the model in the local cache)."
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: its config did not load ({reason}); pass a directory written by "
+            "save_pretrained or a Hub model name"
         ) from e
     adapter = get_adapter(config.model_type)
 
     # transformers renamed torch_dtype to dtype in 4.56.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **dtype_kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.path, trust_remote_code=trust_remote_code, **src.kwargs(), **dtype_kw
+    )
     model.to(device)
     model.eval()
     model.requires_grad_(False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} loaded but its tokenizer did not ({e}); save the tokenizer beside the model "
-            "(tokenizer.save_pretrained(path))"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} loaded but its tokenizer did not ({reason}); save the tokenizer beside the "
+            "model (tokenizer.save_pretrained(path))"
         ) from e
 
     layers = _module(model.base_model, adapter.layers)
     w_in, _ = _in_out(_module(layers[0], adapter.mlp_in))
+    meta = {
+        "source": src.path,
+        "model_type": config.model_type,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "revision": src.revision,
+        # the Hub commit the files came from (None for local folders): a branch or tag may move later
+        "commit": getattr(config, "_commit_hash", None) if src.hub else None,
+    }
     return LoadedModel(
         name=name_or_path,
         model=model,
@@ -430,7 +577,7 @@ def load_model(
         adapter=adapter,
         n_layers=len(layers),
         d_mlp=int(w_in.shape[1]),
-        meta={"source": source, "model_type": config.model_type, "dtype": str(torch_dtype).removeprefix("torch.")},
+        meta=meta,
     )
 
 
@@ -470,7 +617,7 @@ def check_same_tokenizer(models: Sequence[LoadedModel]) -> None:
             if a != b:
                 problems.append(f"{attr} {a} vs {b}")
         if problems:
-            raise ValueError(
+            raise ModelError(
                 f"models {ref.name!r} and {other.name!r} do not share a tokenizer: {'; '.join(problems)}. "
                 "Correlating neurons needs the same token ids at the same positions; compare seeds of one model."
             )
