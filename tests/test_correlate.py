@@ -11,11 +11,12 @@ import torch
 from helpers import corpus_text, save_tiny_model
 from transformers.pytorch_utils import Conv1D
 
-from univ import correlate as corr_mod
+from univ import errors
 from univ.baseline import rotation
 from univ.correlate import CorrelateConfig, run
 from univ.data import excluded_token_ids, token_batches
 from univ.models import collect_mlp_activations, load_model
+from univ.run import stream as stream_mod
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_crash_then_resume_equals_uninterrupted(zoo, tmp_path, monkeypatch):
     straight = pd.read_parquet(run(cfg_for(models, data, tmp_path / "a", memory_budget_gb=70e-6),
                                    progress=False, log=lambda *_: None) / "neurons.parquet")
     cfg = cfg_for(models, data, tmp_path / "b", memory_budget_gb=70e-6, checkpoint_every=300)
-    real, calls = corr_mod.process_batch, {"n": 0}
+    real, calls = stream_mod.process_batch, {"n": 0}
 
     def crashing(*args, **kw):
         calls["n"] += 1
@@ -205,10 +206,10 @@ def test_crash_then_resume_equals_uninterrupted(zoo, tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kw)
 
-    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    monkeypatch.setattr(stream_mod, "process_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg, progress=False, log=lambda *_: None)
-    monkeypatch.setattr(corr_mod, "process_batch", real)
+    monkeypatch.setattr(stream_mod, "process_batch", real)
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg, progress=False, log=lambda *_: None)
     resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
@@ -221,7 +222,7 @@ def test_ctrl_c_writes_checkpoint_and_resume_matches(zoo, tmp_path, monkeypatch)
     straight = pd.read_parquet(run(cfg_for(models, data, tmp_path / "a"), progress=False, log=lambda *_: None)
                                / "neurons.parquet")
     cfg = cfg_for(models, data, tmp_path / "b")
-    real, calls = corr_mod.process_batch, {"n": 0}
+    real, calls = stream_mod.process_batch, {"n": 0}
 
     def interrupting(*args, **kw):
         calls["n"] += 1
@@ -229,11 +230,11 @@ def test_ctrl_c_writes_checkpoint_and_resume_matches(zoo, tmp_path, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
         return real(*args, **kw)
 
-    monkeypatch.setattr(corr_mod, "process_batch", interrupting)
-    with pytest.raises(corr_mod.Interrupted, match="Resume with --resume"):
+    monkeypatch.setattr(stream_mod, "process_batch", interrupting)
+    with pytest.raises(errors.Interrupted, match="Resume with --resume"):
         run(cfg, progress=False, log=lambda *_: None)
     assert (tmp_path / "b" / "checkpoint.json").exists()
-    monkeypatch.setattr(corr_mod, "process_batch", real)
+    monkeypatch.setattr(stream_mod, "process_batch", real)
     resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
     pd.testing.assert_frame_equal(straight, resumed, atol=1e-6, rtol=0)
 
@@ -241,7 +242,7 @@ def test_ctrl_c_writes_checkpoint_and_resume_matches(zoo, tmp_path, monkeypatch)
 def test_checkpoint_from_other_configuration_refused(zoo, tmp_path, monkeypatch):
     paths, data = zoo
     cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "b", checkpoint_every=200)
-    real, calls = corr_mod.process_batch, {"n": 0}
+    real, calls = stream_mod.process_batch, {"n": 0}
 
     def crashing(*args, **kw):
         calls["n"] += 1
@@ -249,10 +250,10 @@ def test_checkpoint_from_other_configuration_refused(zoo, tmp_path, monkeypatch)
             raise RuntimeError("crash")
         return real(*args, **kw)
 
-    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    monkeypatch.setattr(stream_mod, "process_batch", crashing)
     with pytest.raises(RuntimeError):
         run(cfg, progress=False, log=lambda *_: None)
-    monkeypatch.setattr(corr_mod, "process_batch", real)
+    monkeypatch.setattr(stream_mod, "process_batch", real)
     other = cfg_for([paths[0], paths[2]], data, tmp_path / "b", checkpoint_every=200, tokens=2000)
     with pytest.raises(ValueError, match=r"differs in models: .*; tokens: checkpoint 1500 vs now 2000"):
         run(other, resume=True, progress=False, log=lambda *_: None)
@@ -309,7 +310,7 @@ def test_activation_stats_in_the_same_pass_and_across_resume(zoo, tmp_path, monk
         np.testing.assert_allclose(stats[col], expected[col], rtol=1e-6, atol=1e-9, err_msg=col)
 
     resumed_cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "b", activation_stats=True, checkpoint_every=300)
-    real, calls = corr_mod.process_batch, {"n": 0}
+    real, calls = stream_mod.process_batch, {"n": 0}
 
     def crashing(*args, **kw):
         calls["n"] += 1
@@ -317,9 +318,9 @@ def test_activation_stats_in_the_same_pass_and_across_resume(zoo, tmp_path, monk
             raise RuntimeError("crash")
         return real(*args, **kw)
 
-    monkeypatch.setattr(corr_mod, "process_batch", crashing)
+    monkeypatch.setattr(stream_mod, "process_batch", crashing)
     with pytest.raises(RuntimeError):
         run(resumed_cfg, progress=False, log=lambda *_: None)
-    monkeypatch.setattr(corr_mod, "process_batch", real)
+    monkeypatch.setattr(stream_mod, "process_batch", real)
     out = run(resumed_cfg, resume=True, progress=False, log=lambda *_: None)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "activation_stats.parquet"), stats, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,88 @@
+"""``univ correlate`` on the command line: the parser, options → ``CorrelateConfig``, and ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from univ.baseline import KINDS as BASELINES
+from univ.errors import Interrupted
+from univ.run.config import MODES, CorrelateConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "correlate",
+        help="correlate every MLP neuron of seed models over a token stream (the paper's experiment)",
+        description=(
+            "Stream the same tokens through several models that differ only in their training seed and compute,\n"
+            "for every MLP neuron of the reference model (or of every model with --mode all-pairs), its maximum\n"
+            "Pearson correlation with any neuron of each other model, plus a random-rotation baseline. Nothing of\n"
+            "size [tokens × neurons] is kept: fused kernels accumulate co-moments batch by batch.\n\n"
+            "Writes OUT/neurons.parquet (+csv), OUT/histograms.parquet, OUT/run.json and OUT/state/."
+        ),
+        epilog=(
+            "examples:\n"
+            "  univ correlate stanford-crfm/alias-gpt2-small-x21 stanford-crfm/battlestar-gpt2-small-x49 \\\n"
+            "      stanford-crfm/caprica-gpt2-small-x81 --data pile_test.jsonl --tokens 100000000 --out runs/small\n"
+            "  univ correlate zoo/seed-0 zoo/seed-1 zoo/seed-2 --data heldout.txt --tokens 60000 --ctx 128\n"
+            "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="hub names or local paths; the first is the reference")
+    p.add_argument("--data", required=True, help="text file (.txt/.jsonl/.parquet), directory, tokenized dataset, "
+                                                 "or a `datasets` hub name (streamed)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="kept tokens to read (default 1,000,000)")
+    p.add_argument("--out", default="runs/correlate", help="output directory (default runs/correlate)")
+    p.add_argument("--mode", choices=MODES, default="reference",
+                   help="reference: model 1 vs each other (the paper); all-pairs: every pair")
+    p.add_argument("--baseline", choices=BASELINES, default="gaussian",
+                   help="rotation baseline: the paper's row-normalised gaussian, Haar orthogonal, or none")
+    p.add_argument("--baseline-seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per sequence, BOS first (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--text-field", default="text", help="text column of jsonl/parquet/hub data")
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    p.add_argument("--keep-newlines", action="store_true", help="do not exclude newline positions")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--operand-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="GEMM operand dtype (default fp32 on CPU, fp16 for half models on CUDA)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--gemm", default=None, choices=["cublas", "triton"], help="GPU GEMM path")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="accumulator memory budget (default 90%% of free device memory)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="TOKENS",
+                   help="write a checkpoint every TOKENS tokens (atomic); Ctrl-C always writes one")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--no-save-state", action="store_true", help="do not keep the accumulators in OUT/state")
+    p.add_argument("--activation-stats", action="store_true",
+                   help="also stream the analysed models' pre-activation moments and frequencies in this pass "
+                        "(OUT/activation_stats.parquet, the columns of 'univ stats')")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models' own code (off by default)")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args) -> CorrelateConfig:
+    return CorrelateConfig(
+        models=tuple(args.models), data=args.data, out=args.out, tokens=args.tokens, mode=args.mode,
+        baseline=args.baseline, baseline_seed=args.baseline_seed, batch_size=args.batch_size, ctx=args.ctx,
+        seed=args.seed, text_field=args.text_field, split=args.split, exclude_newlines=not args.keep_newlines,
+        device=args.device, dtype=args.dtype, operand_dtype=args.operand_dtype, backend=args.backend, gemm=args.gemm,
+        memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,
+        save_state=not args.no_save_state, activation_stats=args.activation_stats,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def main(args) -> int:
+    from univ.run.driver import run
+
+    try:
+        run(config_from_args(args), resume=args.resume)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    return 0

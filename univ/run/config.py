@@ -1,0 +1,80 @@
+"""What defines a correlate run: the options (``CorrelateConfig``), the device, the models' column labels."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from univ.baseline import KINDS as BASELINES
+
+MODES = ("reference", "all-pairs")
+
+
+@dataclass(frozen=True)
+class CorrelateConfig:
+    """Everything that defines a correlate run; ``asdict`` of it is the manifest's ``config``."""
+
+    models: tuple[str, ...]  # hub names or local paths; index 0 is the reference model
+    data: str  # text file(s), tokenized dataset, or a `datasets` hub name
+    out: str = "runs/correlate"
+    tokens: int = 1_000_000  # kept tokens (BOS/pad/newline positions excluded)
+    mode: str = "reference"  # "reference": model 0 against each other; "all-pairs": every pair
+    baseline: str = "gaussian"  # "gaussian" (the paper's), "orthogonal" (Haar), or "none"
+    baseline_seed: int = 0
+    batch_size: int = 8  # sequences per forward
+    ctx: int = 512  # tokens per sequence, BOS first (the paper's 512)
+    seed: int = 0  # data order
+    text_field: str = "text"
+    split: str = "train"
+    exclude_newlines: bool = True  # drop "\n" positions, as the paper did
+    device: str | None = None  # default: cuda if available, else cpu
+    dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
+    operand_dtype: str | None = None  # GEMM operands; default fp32 on CPU, fp16 for half models on CUDA
+    backend: str = "auto"  # univ_kernels backend
+    gemm: str | None = None  # GPU GEMM path: "cublas" or "triton"
+    memory_budget_gb: float | None = None  # accumulator budget; default: 90 % of free device memory
+    checkpoint_every: int | None = None  # tokens between checkpoints (None: only at pass ends / Ctrl-C)
+    save_state: bool = True  # keep the accumulators (safetensors) in OUT/state for re-analysis
+    activation_stats: bool = False  # also stream the analysed models' activation statistics (univ stats)
+    bins: int = 100
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if len(self.models) < 2:
+            raise ValueError(f"need at least two models to correlate, got {len(self.models)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.tokens < 1 or self.batch_size < 1 or self.ctx < 2:
+            raise ValueError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be a positive number of tokens")
+
+    def fingerprint(self) -> dict:
+        """The fields a resumed run must share with its checkpoint (output-only options excluded)."""
+        skip = {"out", "checkpoint_every", "memory_budget_gb", "save_state", "device"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def model_labels(names: tuple[str, ...]) -> list[str]:
+    """Short unique column labels: the last path component of each model (deduplicated with a suffix)."""
+    labels: list[str] = []
+    for name in names:
+        base = Path(name.rstrip("/")).name or name
+        label, k = base, 2
+        while label in labels:
+            label, k = f"{base}-{k}", k + 1
+        labels.append(label)
+    return labels

@@ -1,0 +1,137 @@
+"""The run's outputs: the neuron table (``neurons.parquet``/csv), histograms, activation statistics, run.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from univ import __version__
+from univ.run.config import CorrelateConfig
+from univ.run.plan import Plan
+from univ.run.state import RunState
+from univ_kernels.streaming import atomic_write_bytes
+
+
+def neuron_table(state: RunState, models, labels: list[str], cfg: CorrelateConfig) -> pd.DataFrame:
+    """One row per neuron of each analysed model, with the paper's columns (see ``write_outputs``)."""
+    analysed = sorted({a for a, _ in state.results})
+    frames = []
+    for a in analysed:
+        lm = models[a]
+        cols: dict[str, np.ndarray] = {
+            "model": np.array([labels[a]] * lm.n_neurons, dtype=object),
+            "layer": np.repeat(np.arange(lm.n_layers), lm.d_mlp),
+            "neuron": np.tile(np.arange(lm.d_mlp), lm.n_layers),
+        }
+        maxes, bases = [], []
+        for m in sorted(m for x, m in state.results if x == a):
+            r = state.results[(a, m)]
+            mx = _inf_to_nan(r["max"]).numpy().astype(np.float64)
+            arg = r["arg"].numpy()
+            base = _inf_to_nan(r["base"]).numpy().astype(np.float64)
+            d_m = models[m].d_mlp
+            cols[f"max_corr.{labels[m]}"] = mx
+            cols[f"argmax_layer.{labels[m]}"] = np.where(arg >= 0, arg // d_m, -1)
+            cols[f"argmax_neuron.{labels[m]}"] = np.where(arg >= 0, arg % d_m, -1)
+            cols[f"baseline.{labels[m]}"] = base
+            maxes.append(mx)
+            bases.append(base)
+        mx, base = np.stack(maxes), np.stack(bases)
+        with np.errstate(all="ignore"):
+            cols["mean_corr"] = mx.mean(0)
+            cols["min_corr"] = mx.min(0)
+            cols["max_corr"] = mx.max(0)
+            cols["mean_baseline"] = base.mean(0)
+            cols["max_baseline"] = base.max(0)
+            cols["excess_corr"] = cols["mean_corr"] - cols["mean_baseline"]
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _inf_to_nan(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(t), float("nan"), t.float())
+
+
+def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dict) -> pd.DataFrame:
+    """Write ``neurons.parquet`` (+ csv), ``histograms.parquet``, ``run.json`` (and ``activation_stats.parquet``).
+
+    neurons.parquet columns: ``model`` (label), ``layer``, ``neuron``; per compared model m:
+    ``max_corr.<m>`` (max Pearson r over all of m's neurons), ``argmax_layer.<m>``, ``argmax_neuron.<m>``
+    (where; −1 if dead), ``baseline.<m>`` (the same max over randomly rotated neurons of m); then over m:
+    ``mean_corr``, ``min_corr``, ``max_corr``, ``mean_baseline``, ``max_baseline`` and
+    ``excess_corr = mean_corr − mean_baseline`` (the paper's universality score). Dead neurons: NaN.
+    """
+    table = neuron_table(state, models, labels, cfg)
+    table.to_parquet(out / "neurons.parquet", index=False)
+    table.to_csv(out / "neurons.csv", index=False)
+    edges = np.linspace(-1, 1, cfg.bins + 1)
+    hist_rows = [{"model": labels[a], "other": labels[m], "bin_left": edges[i], "bin_right": edges[i + 1],
+                  "count": int(h[i])} for (a, m), h in state.hist.items() for i in range(cfg.bins)]
+    pd.DataFrame(hist_rows).to_parquet(out / "histograms.parquet", index=False)
+    if state.act_stats:  # the same columns `univ stats` computes from activations, streamed in this pass
+        frames = [st.result().assign(model=labels[i]) for i, st in state.act_stats.items()]
+        stats = pd.concat(frames, ignore_index=True)
+        stats = stats[["model", *[c for c in stats.columns if c != "model"]]]
+        stats.to_parquet(out / "activation_stats.parquet", index=False)
+    atomic_write_bytes(out / "run.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    return table
+
+
+def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, labels: list[str], *,
+                   tokens_seen: int, device: torch.device, operand_dtype: torch.dtype, timings: dict,
+                   wall_s: float) -> dict:
+    """run.json: what the run was (config, models, data, plan) and how it went (tokens, timings, versions)."""
+    return {
+        "config": asdict(cfg),
+        "models": list(cfg.models),
+        "labels": labels,
+        "analysed": [labels[a] for a in sorted({a for a, _ in state.results})],
+        "data": {"source": cfg.data, "ctx": cfg.ctx, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                 "max_tokens": cfg.tokens, "text_field": cfg.text_field, "split": cfg.split,
+                 "exclude_newlines": cfg.exclude_newlines},
+        "mode": cfg.mode,
+        "baseline": cfg.baseline,
+        "baseline_seed": cfg.baseline_seed,
+        "tokens": tokens_seen,
+        "device": str(device),
+        "model_dtype": str(models[0].dtype).removeprefix("torch."),
+        "operand_dtype": str(operand_dtype).removeprefix("torch."),
+        "plan": plan.to_dict(),
+        "memory": {"budget_bytes": plan.budget_bytes, "fixed_bytes": plan.fixed_bytes,
+                   "passes": len(plan.passes)},
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "wall_s": round(wall_s, 3)},
+        "versions": versions(),
+        "model_meta": [lm.meta for lm in models],
+    }
+
+
+def versions() -> dict:
+    import transformers
+
+    import univ_kernels
+
+    found = {"univ": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": sys.version.split()[0], "univ_kernels": getattr(univ_kernels, "__version__", __version__)}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def summary_text(table: pd.DataFrame, threshold: float = 0.5) -> str:
+    """Per model and layer: neurons, mean max-correlation vs baseline, and how many exceed the threshold."""
+    lines = [f"model        layer  neurons  mean max_corr  mean baseline  excess>{threshold:.2f}"]
+    for (model, layer), g in table.groupby(["model", "layer"], sort=True):
+        n_univ = int((g["excess_corr"] > threshold).sum())
+        lines.append(f"{str(model)[:12]:12s} {layer:5d}  {len(g):7d}  {g['mean_corr'].mean():13.3f}  "
+                     f"{g['mean_baseline'].mean():13.3f}  {n_univ:5d} ({100 * n_univ / len(g):.2f} %)")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Streaming one pass: batches of tokens → forward every model → pre-pass → co-moment updates.
+
+``stream_pass`` reads the pass's token stream from where the state stopped (``batches_done``) and calls
+``process_batch`` per batch; between batches it asks the caller whether to write a checkpoint or stop.
+A signal (SIGINT, SIGTERM) only sets a flag (``StopFlag``): a batch is never left half-applied.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from univ.run.config import CorrelateConfig
+from univ.run.state import RunState
+from univ_kernels import comoment_update
+
+
+class StopFlag:
+    """Ctrl-C sets a flag checked between batches, so an interrupt never lands inside a half-applied update."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\ninterrupt: finishing this batch, writing a checkpoint, then exiting (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def token_stream(cfg: CorrelateConfig, tokenizer, skip_batches: int = 0) -> Iterator:
+    from univ.data import excluded_token_ids, token_batches
+
+    excluded = excluded_token_ids(tokenizer, newlines=cfg.exclude_newlines)
+    return token_batches(cfg.data, tokenizer, ctx=cfg.ctx, batch_size=cfg.batch_size, seed=cfg.seed,
+                         max_tokens=cfg.tokens, text_field=cfg.text_field, split=cfg.split,
+                         skip_batches=skip_batches, excluded=excluded)
+
+
+def stream_pass(state: RunState, models, cfg: CorrelateConfig, operand_dtype: torch.dtype, timings: dict,
+                flag: StopFlag, after_batch: Callable[[RunState, int], None]) -> bool:
+    """Stream the rest of the current pass into ``state``; False if ``flag`` stopped it (checkpoint due).
+
+    ``after_batch(state, n_kept)`` runs after every batch (progress, periodic checkpoints): between two
+    batches, where the state is consistent.
+    """
+    for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
+        process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings)
+        state.batches_done += 1
+        state.tokens_done += batch.n_kept
+        after_batch(state, batch.n_kept)
+        if flag.stop:
+            return False
+    if state.tokens_done == 0:
+        raise ValueError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+    return True
+
+
+def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.Tensor, cfg: CorrelateConfig,
+                  operand_dtype: torch.dtype, timings: dict) -> None:
+    """Forward every model once, pre-pass each once, then update every block (and W on the first pass)."""
+    from univ.models import collect_mlp_activations
+
+    t0 = time.perf_counter()
+    acts, pres = [], {}
+    for i, lm in enumerate(models):
+        want_pre = state.pass_index == 0 and i in state.act_stats
+        got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
+        if want_pre:
+            pres[i] = (got.pre, got.post)
+        acts.append(got.post.reshape(got.post.shape[0], -1))  # [T, L·d]
+    _sync(state.device)
+    t1 = time.perf_counter()
+    # Pre-pass every model first: a bad batch raises before any accumulator changes.
+    prepped = [mom.prepare(x.to(state.device), operand_dtype=operand_dtype, backend=cfg.backend)
+               for mom, x in zip(state.moments, acts, strict=True)]
+    for b, c in state.blocks.items():
+        d = state.plan.d_mlp[b.a]
+        comoment_update(c, prepped[b.a].operand[:, b.layer_start * d: b.layer_end * d], prepped[b.m].operand,
+                        backend=cfg.backend, gemm=cfg.gemm)
+    if state.collect_within:
+        for i, w in state.within.items():
+            d = state.plan.d_mlp[i]
+            op = prepped[i].operand
+            for layer in range(w.shape[0]):
+                sl = op[:, layer * d: (layer + 1) * d]
+                comoment_update(w[layer], sl, sl, backend=cfg.backend, gemm=cfg.gemm)
+    for mom, p in zip(state.moments, prepped, strict=True):
+        mom.commit(p)
+    for i, (pre, post) in pres.items():  # after the kernels' checks: a rejected batch changes nothing
+        state.act_stats[i].update(pre, post)
+    _sync(state.device)
+    timings["forward_s"] += t1 - t0
+    timings["kernels_s"] += time.perf_counter() - t1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: honest timings of forward vs kernels
