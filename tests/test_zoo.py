@@ -134,6 +134,25 @@ def test_different_seeds_give_different_weights(micro_zoo):
         assert not torch.equal(w[0][key], w[1][key]) and not torch.equal(w[1][key], w[2][key]), key
 
 
+def test_checkpoints_every_n_steps_leave_training_unchanged(micro_zoo, tmp_path):
+    root, dirs = micro_zoo
+    cfg = replace(zoo.MICRO_CONFIG, save_every=8)  # 20 steps: checkpoints after 8, 16 and the last, 20
+    seed_dir = zoo.train_seed(tmp_path, 0, cfg, progress=False)
+    names = ["step-000008", "step-000016", "step-000020"]
+    assert json.loads((seed_dir / zoo.SEED_STATS).read_text())["checkpoints"] == names
+    assert sorted(p.name for p in seed_dir.glob("step-*")) == names
+    # saving checkpoints draws no random numbers: the final weights are the micro zoo's, byte for byte
+    assert zoo._sha256(seed_dir / "model.safetensors") == zoo._sha256(dirs[0] / "model.safetensors")
+    last, first = (
+        load_file(seed_dir / names[-1] / "model.safetensors"),
+        load_file(seed_dir / names[0] / "model.safetensors"),
+    )
+    final = load_file(seed_dir / "model.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last checkpoint is the final model
+    assert not torch.equal(first["transformer.h.0.mlp.c_fc.weight"], final["transformer.h.0.mlp.c_fc.weight"])
+    assert (seed_dir / names[0] / "tokenizer.json").is_file()
+
+
 def test_fp16_weights(tmp_path):
     cfg = replace(zoo.MICRO_CONFIG, steps=2, fp16=True)
     seed_dir = zoo.train_seed(tmp_path, 3, cfg, progress=False)
@@ -182,11 +201,13 @@ def test_cli_train_and_info(tmp_path, capsys):
     out = tmp_path / "zoo"
     argv = ["zoo", "train", "--out", str(out), "--seeds", "5", "--steps", "2", "--d-model", "16", "--d-mlp", "32"]
     argv += ["--layers", "1", "--heads", "2", "--ctx", "16", "--vocab-size", "300", "--batch-size", "2"]
-    argv += ["--corpus-chars", "50000", "--threads", "1", "--fp16"]
+    argv += ["--corpus-chars", "50000", "--threads", "1", "--fp16", "--save-every", "1"]
     assert _run_cli(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seeds"] == [5] and manifest["config"]["n_inner"] == 32 and manifest["config"]["fp16"]
     assert (out / "seed-5" / "model.safetensors").exists()
+    ckpt = load_file(out / "seed-5" / "step-000001" / "model.safetensors")  # --save-every 1: after each step
+    assert (out / "seed-5" / "step-000002").is_dir() and all(t.dtype == torch.float16 for t in ckpt.values())
     capsys.readouterr()
     assert _run_cli(["zoo", "info", str(out)]) == 0
     assert "seed-5: val loss" in capsys.readouterr().out

@@ -7,7 +7,12 @@ both the initialisation and the order of the batches. One zoo (3 seeds, the defa
 (``AutoModelForCausalLM.from_pretrained(path)``, ``AutoTokenizer.from_pretrained(path)``).
 
     univ zoo train --out runs/zoo --seeds 0 1 2 --fp16   # ~11 min per seed on 2 CPU cores
+    univ zoo train --out runs/ckpt --save-every 500      # + runs/ckpt/seed-0/step-000500/, ... checkpoints
     univ zoo info                                        # the shipped zoo's manifest
+
+With ``save_every`` each seed folder also holds training checkpoints ``step-NNNNNN/`` (every N steps and the
+last step; each a ``save_pretrained`` folder with the tokenizer), loadable as ``runs/ckpt/seed-0@step-000500``
+and swept by ``univ sweep runs/ckpt`` (universality over training). Saving them does not change training.
 
 Training is deterministic for a seed on a given machine and thread count: ``torch.manual_seed``, a seeded
 generator for the batch order, deterministic algorithms, a fixed number of threads. Every training window
@@ -66,6 +71,7 @@ class ZooConfig:
     # runtime
     threads: int = 2
     fp16: bool = False  # save weights in fp16 (half the size; what ships)
+    save_every: int | None = None  # also save seed-S/step-NNNNNN/ every N steps (training checkpoints)
 
 
 # --- where zoos live ------------------------------------------------------------------------------------
@@ -95,8 +101,8 @@ def seed_dirs(zoo_dir: str | Path) -> list[Path]:
     return [Path(zoo_dir) / m["path"] for m in read_manifest(zoo_dir)["models"]]
 
 
-# fp16 and threads change the bytes, not the zoo a caller asks for
-_NOT_IDENTITY = ("fp16", "threads")
+# fp16 and threads change the bytes, not the zoo a caller asks for; checkpoints add folders, not other weights
+_NOT_IDENTITY = ("fp16", "threads", "save_every")
 
 
 def _config_key(config: ZooConfig, seeds: tuple[int, ...]) -> str:
@@ -299,10 +305,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint after ``step`` optimizer steps: ``step-000500``."""
+    return f"step-{step:06d}"
+
+
+def _save_checkpoint(model: torch.nn.Module, seed_dir: Path, step: int, config: ZooConfig, tokenizer) -> str:
+    """Save the weights after ``step`` steps as ``seed_dir/step-NNNNNN`` (in fp16 if the zoo is), with tokenizer."""
+    import copy
+
+    path = seed_dir / checkpoint_name(step)
+    saved = copy.deepcopy(model).to(torch.float16) if config.fp16 else model  # the trained model stays fp32
+    saved.save_pretrained(path)  # reads parameters only: no RNG drawn, training goes on unchanged
+    tokenizer.model_max_length = config.n_ctx
+    tokenizer.save_pretrained(path)
+    return path.name
+
+
 def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progress: bool = True) -> Path:
     from transformers import GPT2LMHeadModel
 
     seed_dir = out_dir / f"seed-{seed}"
+    checkpoints: list[str] = []
     t0 = time.perf_counter()
     with _deterministic(config.threads):
         torch.manual_seed(seed)  # initialisation
@@ -327,6 +351,9 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
             ema = value if ema is None else 0.98 * ema + 0.02 * value
             if step % 10 == 0 or step == config.steps - 1:
                 bar.set_postfix(loss=f"{ema:.3f}", lr=f"{_lr_at(step, config):.1e}", refresh=False)
+            done = step + 1
+            if config.save_every and (done % config.save_every == 0 or done == config.steps):
+                checkpoints.append(_save_checkpoint(model, seed_dir, done, config, data.tokenizer))
         bar.close()
         train_s = time.perf_counter() - t0
 
@@ -347,6 +374,7 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
         "train_s": round(train_s, 1),
         "wall_s": round(time.perf_counter() - t0, 1),
         "sha256": {p.name: _sha256(p) for p in sorted(seed_dir.glob("*.safetensors"))},
+        "checkpoints": checkpoints,
     }
     (seed_dir / SEED_STATS).write_text(json.dumps(stats, indent=2) + "\n")
     return seed_dir
@@ -534,6 +562,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, metavar="N", help=f"CPU threads; part of what makes runs identical ({d.threads})"
     )
     train.add_argument("--fp16", action="store_true", help="save weights in fp16 (what ships)")
+    train.add_argument(
+        "--save-every",
+        type=int,
+        metavar="N",
+        help="also save a checkpoint every N steps and at the last one, as SEED/step-NNNNNN/ (for 'univ sweep')",
+    )
     train.set_defaults(func=_cmd_train)
 
     info = sub.add_parser("info", help="print a zoo's manifest (default: the shipped zoo)")
