@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "univ.report",
     "univ.demo",
     "univ.zoo",
+    "univ.sweep",
 ]
 
 
