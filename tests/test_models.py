@@ -389,3 +389,15 @@ def test_helpers_save_a_loadable_tokenizer(zoo, tmp_path):
     tok = zoo("gpt2").tokenizer
     assert tok.bos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
     assert tok.decode(tok("a\nb")["input_ids"]) == "a\nb"
+
+
+def test_short_name_keeps_revisions_apart():
+    assert models.short_name("EleutherAI/pythia-160m-seed3@step12000") == "pythia-160m-seed3@step12000"
+    assert models.short_name("runs/zoo/seed-0/step-000100") == "seed-0@step-000100"  # a checkpoint folder
+    assert models.short_name("runs/zoo/seed-0@step-000100") == "seed-0@step-000100"
+    assert models.short_name("owner/m@refs/pr/1") == "m@refs-pr-1"
+    assert models.short_name("runs/zoo/seed-0/") == "seed-0"
+    from univ.correlate import model_labels
+
+    names = ("z/seed-0/step-000100", "z/seed-0/step-000200", "z/seed-1/step-000100", "gpt2", "gpt2")
+    assert model_labels(names) == ["seed-0@step-000100", "seed-0@step-000200", "seed-1@step-000100", "gpt2", "gpt2-2"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "mlp_weights",
     "register_adapter",
     "run_with_neuron_values",
+    "short_name",
     "split_revision",
     "supported_model_types",
     "unembedding",
@@ -358,6 +360,26 @@ def split_revision(name_or_path: str) -> tuple[str, str | None]:
     if not base or not revision:
         return name_or_path, None
     return base, revision
+
+
+_CHECKPOINT_FOLDER = re.compile(r"(step|checkpoint|ckpt)[-_]?\d+")
+
+
+def short_name(name_or_path: str) -> str:
+    """A model's label: its last path component, with its revision if it has one.
+
+    ``EleutherAI/pythia-160m-seed3@step12000`` → ``pythia-160m-seed3@step12000``; a checkpoint given as a
+    folder is labelled like one given as a revision: ``runs/zoo/seed-0/step-000100`` and
+    ``runs/zoo/seed-0@step-000100`` → ``seed-0@step-000100``, so two checkpoints of a seed never share one.
+    """
+    base, revision = split_revision(name_or_path)
+    path = Path(base.rstrip("/"))
+    stem = path.name or base
+    if revision is not None:
+        return f"{stem}@{revision.replace('/', '-')}"
+    if _CHECKPOINT_FOLDER.fullmatch(stem) and path.parent.name:
+        return f"{path.parent.name}@{stem}"
+    return stem
 
 
 @dataclass(frozen=True)

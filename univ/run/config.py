@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -69,10 +68,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def model_labels(names: tuple[str, ...]) -> list[str]:
-    """Short unique column labels: the last path component of each model (deduplicated with a suffix)."""
+    """Short unique column labels: each model's :func:`univ.models.short_name` (deduplicated with a suffix)."""
+    from univ.models import short_name
+
     labels: list[str] = []
     for name in names:
-        base = Path(name.rstrip("/")).name or name
+        base = short_name(name)
         label, k = base, 2
         while label in labels:
             label, k = f"{base}-{k}", k + 1
