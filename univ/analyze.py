@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from univ.errors import UserError
 from univ.families import (
     FamilyThresholds,
     NeuronFamilies,
@@ -199,7 +200,8 @@ def profile_run(
     if families and syntax != "off":
         nlp = load_syntax_model(spacy_model, verbose=verbose)
         if nlp is None and syntax == "on":
-            raise RuntimeError(f"--syntax on: spaCy with pipeline {spacy_model!r} is not installed (pip install spacy)")
+            raise UserError(f"--syntax on: spaCy with pipeline {spacy_model!r} is not installed "
+                            f'(pip install "univ[syntax]" && python -m spacy download {spacy_model})')
 
     started = time.time()
     labels, models = manifest["labels"], manifest["models"]

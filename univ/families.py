@@ -353,13 +353,15 @@ def load_syntax_model(name: str = "en_core_web_sm", *, verbose: bool = True) -> 
         import spacy
     except ImportError:
         if verbose:
-            print("families: spaCy not installed; syntax features skipped", file=sys.stderr)
+            print('families: spaCy not installed; syntax features skipped (to use them: pip install "univ[syntax]" '
+                  f"&& python -m spacy download {name})", file=sys.stderr)
         return None
     try:
         return spacy.load(name)
     except OSError:
         if verbose:
-            print(f"families: spaCy pipeline {name!r} not installed; syntax features skipped", file=sys.stderr)
+            print(f"families: spaCy pipeline {name!r} not installed; syntax features skipped "
+                  f"(to use them: python -m spacy download {name})", file=sys.stderr)
         return None
 
 
