@@ -11,6 +11,7 @@ import torch
 from kernel_helpers import BACKENDS, assert_close_verbose, correlated_pair
 
 from univ_kernels import comoment_update, correlation_summary, prepass, prepass_torch, summary_torch
+from univ_kernels.comoment import comoment_update_symmetric, symmetrize_upper, tma_compatible
 
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, *HALF)
@@ -157,6 +158,50 @@ def test_comoment_update_matches_float64(t, n_a, n_b, op_dtype, backend):
     scale = c0.double().abs() + a.double().abs().T @ b.double().abs()
     rel = ((c.double() - exact).abs() / scale).max().item()
     assert rel <= 1e-5, f"max error {rel:.3g} of Σ|a||b|"
+
+
+@pytest.mark.parametrize("t, n_a, n_b", [(77, 72, 40), (200, 136, 64), (37, 53, 29)])
+@pytest.mark.parametrize("op_dtype", HALF)
+def test_comoment_update_tma_matches_float64(t, n_a, n_b, op_dtype):
+    """gemm="triton-tma": the persistent TMA kernel where rows are 16-byte aligned, the blocked one elsewhere."""
+    a = torch.randn(t, n_a).to(op_dtype)
+    b = (torch.randn(t, n_b) * 10).to(op_dtype)
+    c0 = torch.randn(n_a, n_b) * 100
+    c = c0.clone()
+    assert tma_compatible(c, a, b) == (n_a % 8 == 0 and n_b % 8 == 0)
+    comoment_update(c, a, b, backend="triton", gemm="triton-tma")
+    exact = c0.double() + a.double().T @ b.double()
+    scale = c0.double().abs() + a.double().abs().T @ b.double().abs()
+    rel = ((c.double() - exact).abs() / scale).max().item()
+    assert rel <= 1e-5, f"max error {rel:.3g} of Σ|a||b|"
+
+
+@pytest.mark.parametrize("t, n", [(1, 3), (45, 70), (40, 150)])
+@pytest.mark.parametrize("op_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_comoment_update_symmetric_upper_triangle(t, n, op_dtype, backend, monkeypatch):
+    """W += XᵀX on and above the diagonal (float64 oracle); blocks wholly below the diagonal are never touched."""
+    monkeypatch.setattr("univ_kernels.comoment.SYMMETRIC_MIN_ROWS", 16)  # several row blocks at test sizes
+    x = (torch.randn(t, n) * 3 + 1).to(op_dtype)
+    w0 = torch.randn(n, n, dtype=torch.float64) * 50
+    w0 = (w0 + w0.T).float()
+    lower = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
+    w = torch.where(lower, float("nan"), w0)  # poison below the diagonal: the upper part must not read it
+    comoment_update_symmetric(w, x, backend=backend, gemm="triton")
+    exact = w0.double() + x.double().T @ x.double()
+    scale = w0.double().abs() + x.double().abs().T @ x.double().abs()
+    full = symmetrize_upper(w).double()
+    rel = ((full - exact).abs() / scale).max().item()
+    assert rel <= 1e-5, f"max error {rel:.3g} of Σ|x||x|"
+    if n >= 150:  # half the work really was skipped: most of the lower triangle is still poison
+        assert torch.isnan(w[lower]).float().mean() > 0.5
+
+
+def test_symmetrize_upper_and_rejects_non_square():
+    w = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 4.0, 5.0], [9.0, 9.0, 6.0]])
+    assert symmetrize_upper(w).tolist() == [[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [3.0, 5.0, 6.0]]
+    with pytest.raises(ValueError, match="square"):
+        comoment_update_symmetric(torch.zeros(3, 4), torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

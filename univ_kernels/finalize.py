@@ -25,7 +25,9 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-BLOCK_M, BLOCK_N = 64, 128  # partials: n_b/… columns × (n_a/64) row-blocks × 16 B, ~340 MB at 36,864²
+# 32 × 128 tiles, 4 warps: 64 × 128 spilled 520-830 B of stack on sm_80/90a/100a, 64 × 64 on sm_90a
+# (bench/gpu_compile.py). Column partials: (n_a/32) row-blocks × n_b × 16 B, ~680 MB at 36,864².
+BLOCK_M, BLOCK_N, NUM_WARPS = 32, 128, 4
 BLOCK_INTERP = 32
 ROWS_PER_CHUNK_TORCH = 1024  # torch backend: r for 1024 rows at a time bounds its memory
 
@@ -182,6 +184,7 @@ def _summary_triton(c, ua, ub, ia, ib, bins: int) -> CorrelationSummary:
         HIST_PAD=hist_pad,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        num_warps=NUM_WARPS,
     )
     return _assemble([t[None] for t in row], col, hist.sum(0, dtype=torch.int64)[:bins], ia, ib)
 
