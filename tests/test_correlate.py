@@ -84,7 +84,8 @@ def test_self_and_permuted_copy_recovered_exactly(zoo, tmp_path):
     np.testing.assert_array_equal(t["argmax_neuron.perm"].to_numpy(), expected)
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["tokens"] == 1500 and manifest["labels"] == ["gpt2-seed0", "gpt2-seed0-2", "perm"]
-    assert not (out / "checkpoint.json").exists() and (out / "state" / "pass-0.safetensors").exists()
+    assert not (out / "checkpoint.safetensors").exists() and (out / "state" / "pass-0.safetensors").exists()
+    assert len(manifest["run_id"]) == 32 and manifest["tokens_requested"] == 1500 and not manifest["data_exhausted"]
 
 
 @pytest.mark.parametrize("arch", ["neox", "llama"])
@@ -210,7 +211,7 @@ def test_crash_then_resume_equals_uninterrupted(zoo, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg, progress=False, log=lambda *_: None)
     monkeypatch.setattr(stream_mod, "process_batch", real)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(errors.Refused, match="unfinished run .*--resume"):
         run(cfg, progress=False, log=lambda *_: None)
     resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
     pd.testing.assert_frame_equal(straight, resumed, atol=1e-6, rtol=0)
@@ -233,7 +234,7 @@ def test_ctrl_c_writes_checkpoint_and_resume_matches(zoo, tmp_path, monkeypatch)
     monkeypatch.setattr(stream_mod, "process_batch", interrupting)
     with pytest.raises(errors.Interrupted, match="Resume with --resume"):
         run(cfg, progress=False, log=lambda *_: None)
-    assert (tmp_path / "b" / "checkpoint.json").exists()
+    assert (tmp_path / "b" / "checkpoint.safetensors").exists()
     monkeypatch.setattr(stream_mod, "process_batch", real)
     resumed = pd.read_parquet(run(cfg, resume=True, progress=False, log=lambda *_: None) / "neurons.parquet")
     pd.testing.assert_frame_equal(straight, resumed, atol=1e-6, rtol=0)
@@ -255,9 +256,12 @@ def test_checkpoint_from_other_configuration_refused(zoo, tmp_path, monkeypatch)
         run(cfg, progress=False, log=lambda *_: None)
     monkeypatch.setattr(stream_mod, "process_batch", real)
     other = cfg_for([paths[0], paths[2]], data, tmp_path / "b", checkpoint_every=200, tokens=2000)
-    with pytest.raises(ValueError, match=r"differs in models: .*; tokens: checkpoint 1500 vs now 2000"):
+    with pytest.raises(errors.Refused, match=r"option tokens: 1500 then, 2000 now"):
         run(other, resume=True, progress=False, log=lambda *_: None)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    other_model = cfg_for([paths[0], paths[2]], data, tmp_path / "b", checkpoint_every=200)
+    with pytest.raises(errors.Refused, match=r"model 1: path .*gpt2-seed1' then, .*gpt2-seed2' now"):
+        run(other_model, resume=True, progress=False, log=lambda *_: None)
+    with pytest.raises(errors.UserError, match="no checkpoint"):
         run(cfg_for([paths[0], paths[1]], data, tmp_path / "empty"), resume=True, progress=False)
 
 
@@ -268,7 +272,7 @@ def test_bad_inputs(zoo, tmp_path):
         run(cfg_for([paths[0], alt], data, tmp_path / "r"), progress=False)
     with pytest.raises(ValueError, match="at least two models"):
         cfg_for([paths[0]], data, tmp_path / "r")
-    with pytest.raises(ValueError, match="--ctx 4096 exceeds"):
+    with pytest.raises(errors.UserError, match="--ctx 4096 exceeds"):
         run(cfg_for([paths[0], paths[1]], data, tmp_path / "r", ctx=4096), progress=False)
     with pytest.raises(ValueError, match="baseline must be one of"):
         cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline="rotation")

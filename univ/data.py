@@ -41,10 +41,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from univ.errors import UserError
+
 if TYPE_CHECKING:
     from univ.models import LoadedModel
 
 __all__ = [
+    "DataError",
+    "DataNotFoundError",
     "DataSpec",
     "TokenBatch",
     "check_ctx",
@@ -52,6 +56,7 @@ __all__ = [
     "iter_documents",
     "newline_token_ids",
     "open_source",
+    "source_files",
     "token_batches",
 ]
 
@@ -61,6 +66,14 @@ TOKENIZE_CHUNK = 256  # documents per call of the fast tokenizer (its batch enco
 
 # File suffix -> `datasets` packaged builder.
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(UserError, ValueError):
+    """The data cannot be read as asked: empty, wrong field, unknown extension, foreign token ids (exit 2)."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """No file, directory, glob match or Hub dataset by that name (exit 2)."""
 
 
 @dataclass
@@ -99,10 +112,10 @@ def check_ctx(lm: LoadedModel, ctx: int) -> None:
     from univ.models import max_positions
 
     if ctx < 2:
-        raise ValueError(f"ctx={ctx}: a sequence needs at least BOS and one token")
+        raise DataError(f"ctx={ctx}: a sequence needs at least BOS and one token")
     limit = max_positions(lm)
     if limit is not None and ctx > limit:
-        raise ValueError(f"ctx={ctx} exceeds the {limit} positions of model {lm.name!r}; pass ctx <= {limit}")
+        raise DataError(f"ctx={ctx} exceeds the {limit} positions of model {lm.name!r}; pass ctx <= {limit}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -113,8 +126,8 @@ def _builder(path: Path) -> str | None:
     return BUILDERS.get(path.suffix.lower())
 
 
-def _unknown_extension(path: Path | str) -> ValueError:
-    return ValueError(
+def _unknown_extension(path: Path | str) -> DataError:
+    return DataError(
         f"data file {str(path)!r}: unknown extension; supported: {', '.join(BUILDERS)} "
         "(or a save_to_disk dataset directory, or a Hub dataset name)"
     )
@@ -134,7 +147,11 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _local_files(source: str) -> list[Path] | None:
-    """Files named by ``source`` (a file, a directory, a glob), or None if it names nothing local."""
+    """Files named by ``source`` (a file, a directory, a glob), or None if it names nothing local.
+
+    A path that exists is read literally, even if it contains glob characters (``corpus[12].txt``); a glob
+    is expanded only when nothing by that exact name exists.
+    """
     path = Path(source).expanduser()
     if path.is_file():
         if _builder(path) is None:
@@ -143,18 +160,33 @@ def _local_files(source: str) -> list[Path] | None:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) and not p.name.startswith("."))
         if not files:
-            raise FileNotFoundError(f"data directory {source!r} holds no {'/'.join(BUILDERS)} file")
+            raise DataNotFoundError(f"data directory {source!r} holds no {'/'.join(BUILDERS)} file")
         return files
     if any(c in source for c in "*?["):
         matched = sorted(Path(p) for p in globlib.glob(str(Path(source).expanduser()), recursive=True))
         files = [p for p in matched if p.is_file()]
         if not files:
-            raise FileNotFoundError(f"data glob {source!r} matches no file")
+            raise DataNotFoundError(f"data glob {source!r} matches no file")
         for p in files:
             if _builder(p) is None:
                 raise _unknown_extension(p)
         return files
     return None
+
+
+def source_files(source: str) -> list[Path] | None:
+    """Every local file ``source`` reads (a saved dataset: all its files), sorted; None for a Hub dataset.
+
+    What a run fingerprints and its plan lists. Raises like :func:`open_source` when a local path names
+    nothing readable, so a bad ``--data`` fails before any model loads.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    files = _local_files(source)
+    if files is None and _looks_like_path(source):
+        raise DataNotFoundError(f"data source {source!r}: no such file, directory or glob match")
+    return files
 
 
 def open_source(source: str, *, split: str = "train", file_seed: int | None = None) -> Any:
@@ -169,7 +201,7 @@ def open_source(source: str, *, split: str = "train", file_seed: int | None = No
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"saved dataset {source!r} has no split {split!r}; splits: {sorted(ds)}")
+                raise DataError(f"saved dataset {source!r} has no split {split!r}; splits: {sorted(ds)}")
             ds = ds[split]
         return ds.to_iterable_dataset()
 
@@ -177,26 +209,27 @@ def open_source(source: str, *, split: str = "train", file_seed: int | None = No
     if files is not None:
         builders = {_builder(p) for p in files}
         if len(builders) > 1:
-            raise ValueError(
+            raise DataError(
                 f"data source {source!r} mixes file kinds ({', '.join(sorted(builders))}); keep one kind per source"
             )
         builder = builders.pop()
         files = [p for p in files if p.stat().st_size > 0]  # `datasets` cannot infer a schema from an empty file
         if not files:
-            raise ValueError(f"data source {source!r} is empty: its files hold no bytes")
+            raise DataError(f"data source {source!r} is empty: its files hold no bytes")
         if file_seed is not None:
             files = [files[i] for i in np.random.default_rng(file_seed).permutation(len(files))]
         # Local files form a single split that `datasets` calls "train", whatever `split` says.
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        # `datasets` expands data_files as globs: escape them so that each names exactly one file.
         return datasets.load_dataset(
-            builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+            builder, data_files=[globlib.escape(str(p)) for p in files], split="train", streaming=True, **kwargs
         )
     if _looks_like_path(source):
-        raise FileNotFoundError(f"data source {source!r}: no such file, directory or glob match")
+        raise DataNotFoundError(f"data source {source!r}: no such file, directory or glob match")
     try:
         return datasets.load_dataset(source, split=split, streaming=True)
     except Exception as e:  # the Hub raises several kinds (connection, not found, gated, bad split)
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"data source {source!r} is neither a local file/directory/glob nor a dataset reachable on the "
             f"Hugging Face Hub ({type(e).__name__}: {e})"
         ) from e
@@ -208,7 +241,7 @@ def _row_kind(first: dict[str, Any], source: str, text_field: str) -> tuple[str,
         return "text", text_field
     if "input_ids" in first:
         return "tokens", "input_ids"
-    raise ValueError(
+    raise DataError(
         f"data source {source!r} has no field {text_field!r}; fields found: {sorted(first)}. "
         "Pass the text column as text_field (--text-field), or provide an input_ids column of token ids."
     )
@@ -232,7 +265,7 @@ def iter_documents(
     ds = open_source(source, split=split, file_seed=seed if shuffle_buffer > 0 else None)
     first = next(iter(ds), None)
     if first is None:
-        raise ValueError(f"data source {source!r} is empty: it has no rows")
+        raise DataError(f"data source {source!r} is empty: it has no rows")
     kind, field = _row_kind(first, source, text_field)
     ds = ds.select_columns([field])  # skip decoding metadata columns
 
@@ -304,7 +337,7 @@ def _packed(docs: Iterator[Any], ctx: int, bos: int, eos: int) -> Iterator[np.nd
 def _as_is(docs: Iterator[Any], ctx: int, source: str) -> Iterator[np.ndarray]:
     for i, ids in enumerate(docs):
         if len(ids) != ctx:
-            raise ValueError(
+            raise DataError(
                 f"tokenized source {source!r}: rows are used as whole sequences because the first has ctx={ctx} ids, "
                 f"but a row has {len(ids)} (row {i} in shuffled order); make all rows ctx long, or use a ctx different "
                 "from the row length to have them packed as documents"
@@ -316,7 +349,7 @@ def _checked_ids(seqs: Iterator[np.ndarray], n_vocab: int, source: str) -> Itera
     for seq in seqs:
         if seq.size and (seq.min() < 0 or seq.max() >= n_vocab):
             bad = int(seq.max()) if seq.max() >= n_vocab else int(seq.min())
-            raise ValueError(
+            raise DataError(
                 f"tokenized source {source!r} holds token id {bad} outside the tokenizer's {n_vocab} ids: "
                 "was it tokenized with another tokenizer?"
             )
@@ -355,17 +388,17 @@ def token_batches(
         ...     acts = collect_mlp_activations(lm, batch.input_ids, keep=batch.keep)
     """
     if ctx < 2:
-        raise ValueError(f"ctx={ctx}: a sequence needs at least BOS and one token")
+        raise DataError(f"ctx={ctx}: a sequence needs at least BOS and one token")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: need at least 1")
+        raise DataError(f"batch_size={batch_size}: need at least 1")
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens}: need at least 1 (or None for the whole source)")
+        raise DataError(f"max_tokens={max_tokens}: need at least 1 (or None for the whole source)")
     if skip_batches < 0:
-        raise ValueError(f"skip_batches={skip_batches}: must be >= 0")
+        raise DataError(f"skip_batches={skip_batches}: must be >= 0")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if bos is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token; set tokenizer.bos_token before packing")
+        raise DataError("the tokenizer has neither a BOS nor an EOS token; set tokenizer.bos_token before packing")
     if excluded is None:
         excluded = excluded_token_ids(tokenizer)
     kind, docs = iter_documents(source, text_field=text_field, split=split, seed=seed, shuffle_buffer=shuffle_buffer)
@@ -427,7 +460,7 @@ def _batches(
         index += 1
 
     if not any_batch:
-        raise ValueError(
+        raise DataError(
             f"data source {source!r} holds fewer tokens than one sequence of ctx={ctx}; add data or lower ctx"
         )
     if max_tokens is not None:

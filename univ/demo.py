@@ -48,7 +48,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     )
     for stale in (out / "checkpoint.json",):  # a demo interrupted earlier just starts again
         stale.unlink(missing_ok=True)
-    run_correlate(cfg, progress=progress, log=log)
+    run_correlate(cfg, overwrite=True, progress=progress, log=log)
     for stage in _later_stages(min(profile_tokens, tokens), intervention_tokens):
         stage(out, log=log)
     return out

@@ -55,8 +55,11 @@ def register(subparsers) -> None:
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                    help="accumulator memory budget (default 90%% of free device memory)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="TOKENS",
-                   help="write a checkpoint every TOKENS tokens (atomic); Ctrl-C always writes one")
+                   help="also write a checkpoint every TOKENS tokens; one is always written at the end of "
+                        "each pass and on SIGINT/SIGTERM")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (finished or not) and the later stages' outputs there")
     p.add_argument("--no-save-state", action="store_true", help="do not keep the accumulators in OUT/state")
     p.add_argument("--activation-stats", action="store_true",
                    help="also stream the analysed models' pre-activation moments and frequencies in this pass "
@@ -81,7 +84,7 @@ def main(args) -> int:
     from univ.run.driver import run
 
     try:
-        run(config_from_args(args), resume=args.resume)
+        run(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code

@@ -7,8 +7,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from univ.baseline import KINDS as BASELINES
+from univ.errors import UserError
 
 MODES = ("reference", "all-pairs")
+
+
+class ConfigError(UserError, ValueError):
+    """An option out of range or inconsistent (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,15 @@ class CorrelateConfig:
 
     def __post_init__(self):
         if len(self.models) < 2:
-            raise ValueError(f"need at least two models to correlate, got {len(self.models)}")
+            raise ConfigError(f"need at least two models to correlate, got {len(self.models)}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+            raise ConfigError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.tokens < 1 or self.batch_size < 1 or self.ctx < 2:
-            raise ValueError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
+            raise ConfigError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be a positive number of tokens")
+            raise ConfigError("checkpoint_every must be a positive number of tokens")
 
     def fingerprint(self) -> dict:
         """The fields a resumed run must share with its checkpoint (output-only options excluded)."""

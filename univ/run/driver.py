@@ -1,7 +1,12 @@
 """``run``: one correlate experiment from options to outputs, in the order the stages happen.
 
-    load models → plan memory (blocks, passes) → for each pass: stream batches (``stream``) → checkpoint →
-    finalize the pass's blocks (``finalize``) → neurons.parquet, run.json (``outputs``)
+    check data path, OUT (lock), options → fingerprint the data → load models → plan memory (blocks,
+    passes) → for each pass: stream batches (``stream``) → checkpoint → finalize the pass's blocks
+    (``finalize``) → next pass's checkpoint … → neurons.parquet, histograms, run.json last (``outputs``)
+
+Every write goes through ``univ.run.files`` (atomic). A checkpoint is written every ``checkpoint_every``
+tokens, when a signal stops the run, at the end of each pass's stream (so finalize and the outputs can be
+retried from it) and at the start of each later pass. What survives what is listed in the README.
 """
 
 from __future__ import annotations
@@ -11,20 +16,15 @@ from pathlib import Path
 
 import torch
 
-from univ.errors import Interrupted
-from univ.run import stream
+from univ.errors import Interrupted, Refused, UserError
+from univ.run import checkpoint, identity, stream
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
+from univ.run.folder import OutLock, open_folder, prepare
 from univ.run.outputs import build_manifest, summary_text, write_outputs
 from univ.run.plan import Plan, describe_plan, make_plan
-from univ.run.state import (
-    RunState,
-    has_checkpoint,
-    read_checkpoint,
-    remove_checkpoint,
-    save_pass_state,
-    write_checkpoint,
-)
+from univ.run.state import RunState
+from univ_kernels.io import NoSpace
 from univ_kernels.streaming import default_operand_dtype
 
 
@@ -37,21 +37,62 @@ def load_models(cfg: CorrelateConfig, device: torch.device):
     for lm in models:
         limit = max_positions(lm)
         if limit is not None and cfg.ctx > limit:
-            raise ValueError(f"--ctx {cfg.ctx} exceeds {lm.name}'s {limit} positions; pass --ctx {limit} or less")
+            raise UserError(f"--ctx {cfg.ctx} exceeds {lm.name}'s {limit} positions; pass --ctx {limit} or less")
     return models
 
 
-def run(cfg: CorrelateConfig, *, resume: bool = False, progress: bool = True, log=print) -> Path:
-    """Run (or resume) a correlate experiment; returns the output directory."""
+def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        log=print) -> Path:
+    """Run (or resume) a correlate experiment; returns the output directory.
+
+    Raises ``UserError`` (bad input), ``Refused`` (going on would change or lose a result: a folder in use,
+    holding another run, a checkpoint that does not match) or ``Interrupted`` (a signal; checkpoint written).
+    """
+    from univ.data import source_files
+
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite discards it: pass one of them")
+    data_files = source_files(cfg.data)  # a bad --data fails here, before anything slow
+    out = Path(cfg.out)
+    open_folder(out)
+    with OutLock(out, log):
+        meta = prepare(out, resume=resume, overwrite=overwrite, log=log)
+        try:
+            device = resolve_device(cfg.device)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        try:
+            return _run(cfg, out, meta, device, data_files, progress=progress, log=log)
+        except NoSpace as e:
+            kept = (f"the last checkpoint in {out} is intact: free space, then rerun with --resume"
+                    if checkpoint.exists(out) else "free space, then rerun")
+            raise UserError(f"{e}; {kept}") from e
+
+
+def _check_fingerprint(out: Path, saved: dict, now: dict) -> None:
+    diffs = identity.differences(saved, now)
+    if diffs:
+        raise Refused(f"--resume: the checkpoint in {out} was written for another run: " + "; ".join(diffs)
+                      + ". Resume with the original models, data and options, or pass --overwrite to start again")
+
+
+def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.device, data_files, *, progress: bool,
+         log) -> Path:
     from tqdm.auto import tqdm
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and has_checkpoint(out):
-        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
-    device = resolve_device(cfg.device)
     started = time.time()
+    data_fp = identity.data_fingerprint(cfg, data_files)
+    options_fp = identity.fingerprint(cfg, [], data_files)["options"]
+    if meta is not None:  # options and data first: cheap, and before the models load
+        saved = meta["fingerprint"]
+        _check_fingerprint(out, {**saved, "models": []}, {"options": options_fp, "models": [], "data": data_fp})
     models = load_models(cfg, device)
+    fingerprint = {"options": options_fp, "models": [identity.model_fingerprint(lm) for lm in models],
+                   "data": data_fp}
+    if meta is not None:
+        _check_fingerprint(out, meta["fingerprint"], fingerprint)
+    ident = {"run_id": meta["run_id"] if meta else identity.new_run_id(), "fingerprint": fingerprint}
+
     labels = model_labels(cfg.models)
     operand_dtype = getattr(torch, cfg.operand_dtype) if cfg.operand_dtype else \
         default_operand_dtype(device, models[0].dtype)
@@ -59,18 +100,23 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, progress: bool = True, lo
     d_mlp = [lm.d_mlp for lm in models]
     t_batch = cfg.batch_size * cfg.ctx
     batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
-
-    meta = None
-    if resume:
-        meta, tensors = read_checkpoint(out, cfg)
+    if meta is not None:
         plan = Plan.from_dict(meta["plan"], d_mlp, n_layers, batch_bytes)
     else:
-        plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
+        try:
+            plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
+        except MemoryError as e:
+            raise PlanError(str(e)) from None
     log(describe_plan(plan, cfg, models, device))
+    if data_files is not None and (len(data_files) > 1 or str(data_files[0]) != cfg.data):
+        shown = ", ".join(str(p) for p in data_files[:10]) + (f", … ({len(data_files)} files)"
+                                                              if len(data_files) > 10 else "")
+        log(f"  data: {shown}")
     state = RunState(plan, models, device, cfg)
     if meta is not None:
-        state.load(tensors, meta)
-        log(f"resuming pass {state.pass_index + 1} after {state.tokens_done:,} tokens")
+        checkpoint.load_into(out, state, meta)
+        where = "the end of its stream" if state.streamed else f"{state.tokens_done:,} tokens"
+        log(f"resuming pass {state.pass_index + 1} after {where} (checkpoint generation {state.generation})")
 
     timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0}
     bar = tqdm(total=cfg.tokens * len(plan.passes), unit="tok", unit_scale=True, disable=not progress,
@@ -80,37 +126,54 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, progress: bool = True, lo
     def after_batch(st: RunState, n_kept: int) -> None:
         bar.update(n_kept)
         if next_ckpt[0] is not None and st.tokens_done >= next_ckpt[0]:
-            write_checkpoint(out, st, cfg)
+            checkpoint.write(out, st, ident)
             next_ckpt[0] = _next_checkpoint(cfg, st.tokens_done)
+
+    def interrupted(flag: stream.StopFlag) -> Interrupted:
+        bar.close()
+        return Interrupted(f"interrupted by {flag.signal_name} in pass {state.pass_index + 1} of {state.n_passes} "
+                           f"({state.tokens_done:,} tokens in); checkpoint written to {checkpoint.path(out)}. "
+                           "Resume with --resume (the same command and options).")
 
     tokens_seen = 0
     with stream.StopFlag() as flag:
         while not state.finished:
             bar.set_description(f"pass {state.pass_index + 1}/{len(plan.passes)}")
-            if not stream.stream_pass(state, models, cfg, operand_dtype, timings, flag, after_batch):
-                write_checkpoint(out, state, cfg)
-                bar.close()
-                raise Interrupted(f"interrupted after {state.tokens_done:,} tokens of pass "
-                                  f"{state.pass_index + 1}; checkpoint written to {out}. Resume with --resume.")
+            if not state.streamed:
+                if not stream.stream_pass(state, models, cfg, operand_dtype, timings, flag, after_batch):
+                    checkpoint.write(out, state, ident)
+                    raise interrupted(flag)
+                state.streamed = True
+                checkpoint.write(out, state, ident)  # finalize and the outputs can be retried from here
             t0 = time.perf_counter()
             finalize_pass(state, cfg)
             if cfg.save_state:
-                save_pass_state(out, state)
+                checkpoint.save_pass_state(out, state, ident)
             timings["finalize_s"] += time.perf_counter() - t0
             tokens_seen = state.tokens_done
             state.start_pass(state.pass_index + 1)
             if not state.finished:
-                write_checkpoint(out, state, cfg)
+                checkpoint.write(out, state, ident)
                 next_ckpt[0] = _next_checkpoint(cfg, 0)
-    bar.close()
-
-    manifest = build_manifest(cfg, state, plan, models, labels, tokens_seen=tokens_seen, device=device,
-                              operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started)
-    table = write_outputs(out, state, models, labels, cfg, manifest)
-    remove_checkpoint(out)
+                if flag.stop:
+                    raise interrupted(flag)
+        bar.close()
+        # A signal from here on is noted by the flag and the outputs are still written (seconds).
+        manifest = build_manifest(cfg, state, plan, models, labels, tokens_seen=tokens_seen, device=device,
+                                  operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
+                                  run_id=ident["run_id"], fingerprint=fingerprint)
+        table = write_outputs(out, state, models, labels, cfg, manifest)
+        checkpoint.remove(out)
     log(summary_text(table))
-    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'}")
+    if tokens_seen < cfg.tokens:
+        log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
+            "(--tokens); run.json records both")
+    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {ident['run_id']})")
     return out
+
+
+class PlanError(UserError, MemoryError):
+    """Even the smallest block does not fit the memory budget (exit 2)."""
 
 
 def _next_checkpoint(cfg: CorrelateConfig, done: int) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -12,10 +11,10 @@ import pandas as pd
 import torch
 
 from univ import __version__
+from univ.run import files
 from univ.run.config import CorrelateConfig
 from univ.run.plan import Plan
 from univ.run.state import RunState
-from univ_kernels.streaming import atomic_write_bytes
 
 
 def neuron_table(state: RunState, models, labels: list[str], cfg: CorrelateConfig) -> pd.DataFrame:
@@ -59,7 +58,9 @@ def _inf_to_nan(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dict) -> pd.DataFrame:
-    """Write ``neurons.parquet`` (+ csv), ``histograms.parquet``, ``run.json`` (and ``activation_stats.parquet``).
+    """Write ``neurons.parquet`` (+ csv), ``histograms.parquet``, (``activation_stats.parquet``,) ``run.json``.
+
+    Each file atomically, ``run.json`` last.
 
     neurons.parquet columns: ``model`` (label), ``layer``, ``neuron``; per compared model m:
     ``max_corr.<m>`` (max Pearson r over all of m's neurons), ``argmax_layer.<m>``, ``argmax_neuron.<m>``
@@ -68,26 +69,28 @@ def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dic
     ``excess_corr = mean_corr − mean_baseline`` (the paper's universality score). Dead neurons: NaN.
     """
     table = neuron_table(state, models, labels, cfg)
-    table.to_parquet(out / "neurons.parquet", index=False)
-    table.to_csv(out / "neurons.csv", index=False)
+    files.write_table(table, out / "neurons.parquet")
+    files.write_table(table, out / "neurons.csv")
     edges = np.linspace(-1, 1, cfg.bins + 1)
     hist_rows = [{"model": labels[a], "other": labels[m], "bin_left": edges[i], "bin_right": edges[i + 1],
                   "count": int(h[i])} for (a, m), h in state.hist.items() for i in range(cfg.bins)]
-    pd.DataFrame(hist_rows).to_parquet(out / "histograms.parquet", index=False)
+    files.write_table(pd.DataFrame(hist_rows), out / "histograms.parquet")
     if state.act_stats:  # the same columns `univ stats` computes from activations, streamed in this pass
         frames = [st.result().assign(model=labels[i]) for i, st in state.act_stats.items()]
         stats = pd.concat(frames, ignore_index=True)
         stats = stats[["model", *[c for c in stats.columns if c != "model"]]]
-        stats.to_parquet(out / "activation_stats.parquet", index=False)
-    atomic_write_bytes(out / "run.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+        files.write_table(stats, out / "activation_stats.parquet")
+    files.write_json(out / "run.json", manifest)  # last: its presence means the run finished
     return table
 
 
 def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, labels: list[str], *,
                    tokens_seen: int, device: torch.device, operand_dtype: torch.dtype, timings: dict,
-                   wall_s: float) -> dict:
-    """run.json: what the run was (config, models, data, plan) and how it went (tokens, timings, versions)."""
+                   wall_s: float, run_id: str, fingerprint: dict) -> dict:
+    """run.json: what the run was (config, models, data, plan, content fingerprint) and how it went (tokens
+    used against tokens asked for, timings, versions). ``run_id`` identifies it to the later stages."""
     return {
+        "run_id": run_id,
         "config": asdict(cfg),
         "models": list(cfg.models),
         "labels": labels,
@@ -99,6 +102,8 @@ def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, la
         "baseline": cfg.baseline,
         "baseline_seed": cfg.baseline_seed,
         "tokens": tokens_seen,
+        "tokens_requested": cfg.tokens,
+        "data_exhausted": tokens_seen < cfg.tokens,
         "device": str(device),
         "model_dtype": str(models[0].dtype).removeprefix("torch."),
         "operand_dtype": str(operand_dtype).removeprefix("torch."),
@@ -108,6 +113,7 @@ def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, la
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "wall_s": round(wall_s, 3)},
         "versions": versions(),
         "model_meta": [lm.meta for lm in models],
+        "fingerprint": fingerprint,
     }
 
 

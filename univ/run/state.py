@@ -1,26 +1,20 @@
-"""The state of a run as plain tensors (moments, co-moment blocks, within-layer W, results) and its checkpoints.
+"""The state of a run as named tensors (moments, co-moment blocks, within-layer W, results) and counters.
 
-``RunState.tensors()`` names every tensor; ``RunState.counters()`` holds the integers. A checkpoint is both,
-written so that a resumed run continues exactly where the interrupted one stopped.
+``RunState.named()`` names every tensor, ``RunState.expected()`` the names, dtypes and shapes the current pass
+must have (what a checkpoint is validated against), ``RunState.counters()`` holds the integers. The
+checkpoint file that carries them is ``univ.run.checkpoint``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
-import safetensors.torch
 import torch
 
-from univ import __version__
 from univ.run.config import CorrelateConfig
 from univ.run.plan import Block, Plan, analysed_models, pairs_for, rotated_models
 from univ.stats import ActivationStats
 from univ_kernels import ColumnMoments
-from univ_kernels.streaming import atomic_write_bytes
-
-CHECKPOINT = "checkpoint"  # checkpoint.safetensors + checkpoint.json in the output directory
 
 
 class RunState:
@@ -36,6 +30,7 @@ class RunState:
         self.owns = owns or (lambda b: True)
         self.n_models = len(models)
         self.pass_index = 0
+        self.generation = 0  # checkpoints written so far by this run (carried across resumes)
         self.batches_done = 0
         self.tokens_done = 0
         self.moments = [ColumnMoments(lm.n_neurons, device=device, name=f"model {i} ({lm.name})")
@@ -74,6 +69,7 @@ class RunState:
 
     def start_pass(self, index: int) -> None:
         self.pass_index, self.batches_done, self.tokens_done = index, 0, 0
+        self.streamed = False  # True once the pass's whole token stream is in (finalize pending)
         for mom in self.moments:
             mom.__init__(mom.n_cols, device=self.device, name=mom.name)
         self.blocks = {}
@@ -86,7 +82,8 @@ class RunState:
     def collect_within(self) -> bool:
         return self.pass_index == 0 and bool(self.within)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def named(self) -> dict[str, torch.Tensor]:
+        """Every accumulator by its checkpoint name, where it lives (device tensors: not copied)."""
         out: dict[str, torch.Tensor] = {}
         for i, mom in enumerate(self.moments):
             for k, v in mom.state_dict(f"moments.{i}").items():
@@ -104,16 +101,26 @@ class RunState:
             shift = st.shift if st.shift is not None else torch.zeros_like(st.post_sum)
             out.update({f"stats.{i}.shift": shift, f"stats.{i}.sums": st.sums, f"stats.{i}.n_pos": st.n_pos,
                         f"stats.{i}.post_sum": st.post_sum})
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``named()`` as contiguous CPU copies."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.named().items()}
+
+    def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """{name: (dtype, shape)} a checkpoint of the current pass must hold: the plan's, not the file's."""
+        return {k: (v.dtype, tuple(v.shape)) for k, v in self.named().items()}
 
     def counters(self) -> dict:
         return {"pass_index": self.pass_index, "batches_done": self.batches_done, "tokens_done": self.tokens_done,
-                "moments_n": [m.n for m in self.moments],
+                "streamed": self.streamed, "moments_n": [m.n for m in self.moments],
                 "stats_n": {str(i): [st.n, st.n_post, st.shift is not None] for i, st in self.act_stats.items()}}
 
     def load(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
+        """Take over a checkpoint's tensors (already validated against ``expected()``) and counters."""
         self.start_pass(counters["pass_index"])
         self.batches_done, self.tokens_done = counters["batches_done"], counters["tokens_done"]
+        self.streamed = counters["streamed"]
         for i, mom in enumerate(self.moments):
             mom.load_state_dict(tensors, f"moments.{i}", counters["moments_n"][i])
         for b in self.blocks:
@@ -132,49 +139,3 @@ class RunState:
             st.post_sum = tensors[f"stats.{i}.post_sum"].clone()
 
 
-def write_checkpoint(out: Path, state: RunState, cfg: CorrelateConfig) -> None:
-    """Atomic (temp file, fsync, rename): a crash leaves the previous checkpoint or the new one, never half."""
-    meta = {"fingerprint": cfg.fingerprint(), "plan": state.plan.to_dict(), **state.counters(),
-            "univ_version": __version__}
-    atomic_write_bytes(out / f"{CHECKPOINT}.safetensors", safetensors.torch.save(state.tensors()))
-    atomic_write_bytes(out / f"{CHECKPOINT}.json", (json.dumps(meta, indent=1) + "\n").encode())
-
-
-def has_checkpoint(out: Path) -> bool:
-    return (out / f"{CHECKPOINT}.json").exists()
-
-
-def remove_checkpoint(out: Path) -> None:
-    for suffix in (".safetensors", ".json"):
-        (out / f"{CHECKPOINT}{suffix}").unlink(missing_ok=True)
-
-
-def read_checkpoint(out: Path, cfg: CorrelateConfig) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta_path = out / f"{CHECKPOINT}.json"
-    if not meta_path.exists():
-        finished = " (its run.json says the run there finished)" if (out / "run.json").exists() else ""
-        raise FileNotFoundError(
-            f"--resume: no checkpoint in {out}{finished} (expected {meta_path.name}); start without --resume"
-        )
-    meta = json.loads(meta_path.read_text())
-    saved, now = meta["fingerprint"], cfg.fingerprint()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
-             for k in sorted(saved.keys() | now.keys()) if saved.get(k) != _jsonable(now.get(k))]
-    if diffs:
-        raise ValueError(
-            f"the checkpoint in {out} was written by a run with another configuration; it differs in "
-            + "; ".join(diffs) + ". Resume with the original options, or choose another --out."
-        )
-    return meta, safetensors.torch.load_file(out / f"{CHECKPOINT}.safetensors")
-
-
-def _jsonable(v):
-    return json.loads(json.dumps(v))
-
-
-def save_pass_state(out: Path, state: RunState) -> None:
-    """Keep the pass's accumulators (C blocks, moments, within-layer W) in OUT/state for later re-analysis."""
-    state_dir = out / "state"
-    state_dir.mkdir(exist_ok=True)
-    tensors = {k: v for k, v in state.tensors().items() if not k.startswith(("result.", "hist."))}
-    atomic_write_bytes(state_dir / f"pass-{state.pass_index}.safetensors", safetensors.torch.save(tensors))

@@ -11,37 +11,46 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
+from univ.data import DataError
 from univ.run.config import CorrelateConfig
 from univ.run.state import RunState
 from univ_kernels import comoment_update
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class StopFlag:
-    """Ctrl-C sets a flag checked between batches, so an interrupt never lands inside a half-applied update."""
+    """SIGINT and SIGTERM set a flag checked between batches: an interrupt never lands inside a half-applied
+    update, and the run writes a checkpoint before it exits. A second SIGINT gives up at once."""
 
     def __init__(self):
         self.stop = False
-        self._old = None
+        self.signal_name = ""
+        self._old: dict[int, object] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.stop:  # a second Ctrl-C: give up at once
+        if self.stop and signum == signal.SIGINT:  # a second Ctrl-C: give up at once
             raise KeyboardInterrupt
         self.stop = True
-        print("\ninterrupt: finishing this batch, writing a checkpoint, then exiting (Ctrl-C again to abort)",
-              file=sys.stderr)
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this batch, writing a checkpoint, then exiting "
+              "(Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def token_stream(cfg: CorrelateConfig, tokenizer, skip_batches: int = 0) -> Iterator:
@@ -60,15 +69,17 @@ def stream_pass(state: RunState, models, cfg: CorrelateConfig, operand_dtype: to
     ``after_batch(state, n_kept)`` runs after every batch (progress, periodic checkpoints): between two
     batches, where the state is consistent.
     """
-    for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
-        process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings)
-        state.batches_done += 1
-        state.tokens_done += batch.n_kept
-        after_batch(state, batch.n_kept)
-        if flag.stop:
-            return False
+    with warnings.catch_warnings():  # running out of data is stated in the summary and run.json instead
+        warnings.filterwarnings("ignore", message="data source .* ran out")
+        for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
+            process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings)
+            state.batches_done += 1
+            state.tokens_done += batch.n_kept
+            after_batch(state, batch.n_kept)
+            if flag.stop:
+                return False
     if state.tokens_done == 0:
-        raise ValueError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+        raise DataError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
     return True
 
 
