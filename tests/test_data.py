@@ -229,3 +229,19 @@ def test_data_spec(files, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _same(list(spec.batches(tok)), _all(files / "docs.txt", tok, seed=3, max_tokens=500))
+
+
+def test_a_path_that_exists_is_read_literally_globs_only_otherwise(tmp_path):
+    from univ.data import source_files
+
+    (tmp_path / "corpus1.txt").write_text("one one\n\nuno\n")
+    (tmp_path / "corpus2.txt").write_text("two two\n")
+    literal = tmp_path / "corpus[12].txt"
+    literal.write_text("bracketed\n")
+    assert source_files(str(literal)) == [literal]
+    assert [d for _, docs in [iter_documents(str(literal), shuffle_buffer=0)] for d in docs] == ["bracketed"]
+    literal.unlink()  # now nothing has that name: it is a glob
+    assert source_files(str(literal)) == [tmp_path / "corpus1.txt", tmp_path / "corpus2.txt"]
+    _, docs = iter_documents(str(literal), shuffle_buffer=0)
+    assert list(docs) == ["one one", "uno", "two two"]
+    assert source_files("owner/dataset") is None  # a Hub name: nothing local to list

@@ -64,8 +64,7 @@ class NoSpace(OSError):
         need_s = f"more than {_human(needed)}" if at_least else _human(needed)
         super().__init__(errno.ENOSPC, f"no space left to write {path}: it needs {need_s}{free_s}")
 
-    @property
-    def message(self) -> str:
+    def __str__(self) -> str:
         return self.strerror
 
 

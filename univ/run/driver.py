@@ -66,7 +66,7 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, 
         except NoSpace as e:
             kept = (f"the last checkpoint in {out} is intact: free space, then rerun with --resume"
                     if checkpoint.exists(out) else "free space, then rerun")
-            raise UserError(f"{e}; {kept}") from e
+            raise UserError(f"{e.strerror}; {kept}") from e
 
 
 def _check_fingerprint(out: Path, saved: dict, now: dict) -> None:
@@ -125,7 +125,8 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
 
     def after_batch(st: RunState, n_kept: int) -> None:
         bar.update(n_kept)
-        if next_ckpt[0] is not None and st.tokens_done >= next_ckpt[0]:
+        # (not after the pass's last batch: the end-of-pass checkpoint follows at once)
+        if next_ckpt[0] is not None and next_ckpt[0] <= st.tokens_done < cfg.tokens:
             checkpoint.write(out, st, ident)
             next_ckpt[0] = _next_checkpoint(cfg, st.tokens_done)
 

@@ -30,7 +30,11 @@ def _wrote(path: Path) -> None:
             f.write(f"{path}\n")
     fault = os.environ.get("UNIV_FAULT_AFTER_WRITE")
     if fault and int(fault) == _writes:
-        os.kill(os.getpid(), signal.SIGKILL)
+        _die()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> int:
