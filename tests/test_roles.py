@@ -9,6 +9,9 @@ The planted model (built once per module) edits a tiny GPT-2 in memory and saves
                neuron 2: w_out = 20 n1 (entropy)       neuron 3: w_out = 3 e_q (partition)
     layer 0    neuron 5, always on (b_in + 3); head L1.H2's query weights are the rank-1 map
                ŵ_out(0.5) ⊗ k̂_BOS, so that neuron pushes the head's query towards BOS (attention)
+
+The same attention plant in a tiny NeoX and a tiny Llama (rotary queries) tests the rotary score and the
+path intervention there.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from tests.helpers import corpus_text, save_tiny_model
 from univ import roles as R
 from univ.data import token_batches
-from univ.models import ActivationCapture, load_model
+from univ.models import ActivationCapture, attention_weights, load_model
 from univ.weights import processed_mlp_weights
 
 TOKENS = (100, 200, 300)
@@ -280,14 +283,93 @@ def test_path_intervention_errors(lm, batches):
         R.bos_path_intervention(lm, (0, 999), (1, 0), batches[:1])
 
 
-def test_rotary_models_raise(tmp_path):
-    neox = load_model(str(save_tiny_model(tmp_path, "neox", seed=0)))
-    with pytest.raises(NotImplementedError, match="rotary"):
-        R.bos_scores(neox)
-    with pytest.raises(NotImplementedError, match="rotary"):
-        R.bos_path_intervention(neox, (0, 0), (1, 0), [torch.zeros(1, 4, dtype=torch.long)])
-    ent = R.entropy_scores(neox)  # weight scores still work
-    assert len(ent) == neox.n_neurons and ent["null_share"].between(0, 1).all()
+# --------------------------------------------------------------------------------------------------------------------
+# Attention deactivation in rotary models (NeoX, Llama): the same planted neuron, rotary queries
+
+ROTARY_HEAD = (1, 3)  # in the Llama config (4 query heads on 2 kv-heads) it reads kv-head 1
+
+
+@pytest.fixture(scope="module", params=["neox", "llama"])
+def rotary(request, tmp_path_factory):
+    """Neuron 0.5 always on; head L1.H3's query weights = 4 · ŵ_out ⊗ k̂, k̂ the BOS key as a query sees it."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"rotary-{arch}")
+    lm = load_model(str(save_tiny_model(root, arch, seed=0, **({"mlp_bias": True} if arch == "llama" else {}))))
+    n, (layer, h) = ATTENTION[1], ROTARY_HEAD
+    mlp0 = lm.layer(0).mlp
+    with torch.no_grad():
+        for proj in (mlp0.gate_proj, mlp0.up_proj) if arch == "llama" else (mlp0.dense_h_to_4h,):
+            proj.bias[n] += 3.0
+    attn = attention_weights(lm)[layer]
+    assert attn.rotary_dims > 0
+    keys = R.attention._query_side_keys(lm, [attn], [R.bos_keys(lm)[layer]], R.attention.DEFAULT_QUERY_POSITIONS)
+    k = keys[0][h // (attn.n_heads // attn.n_kv_heads)]
+    w = processed_mlp_weights(lm)[0].w_out[n]
+    planted = 4.0 * torch.outer(k / k.norm(), w / w.norm())  # nn.Linear rows: [d_head, d_model]
+    d_head = attn.d_head
+    with torch.no_grad():
+        if arch == "llama":
+            lm.layer(layer).self_attn.q_proj.weight[h * d_head : (h + 1) * d_head] = planted
+        else:  # fused, interleaved per head: rows [h·3·d_head, h·3·d_head + d_head) are head h's query
+            qkv = lm.layer(layer).attention.query_key_value.weight
+            qkv[h * 3 * d_head : h * 3 * d_head + d_head] = planted
+    path = root / "planted"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return load_model(str(path))
+
+
+def test_rotary_attention_neuron_found(rotary):
+    scores = R.bos_scores(rotary, n_random=300).per_neuron().set_index(["layer", "neuron"])
+    assert scores["bos_z"].abs().idxmax() == ATTENTION
+    row = scores.loc[ATTENTION]
+    assert (row["bos_layer"], row["bos_head"]) == ROTARY_HEAD and row["bos_score"] > 0
+    assert row["bos_z"] > 4  # a rank-1 plant caps z near √d_model = 5.7
+    others = scores.drop(ATTENTION)
+    assert 0.4 < others.loc[others["bos_layer"] >= 0, "bos_z"].abs().median() < 2.5
+
+
+def test_rotary_score_is_the_average_over_query_positions(rotary):
+    one, two = (R.bos_scores(rotary, n_random=10, query_positions=[p]).scores[0] for p in (3, 40))
+    both = R.bos_scores(rotary, n_random=10, query_positions=[3, 40]).scores[0]
+    torch.testing.assert_close(both, (one + two) / 2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert not torch.allclose(one.nan_to_num(), two.nan_to_num())  # the rotation does depend on the position
+    # at position 0 nothing rotates: the key is the BOS key itself
+    attn = attention_weights(rotary)
+    keys = R.bos_keys(rotary)
+    for k, k0 in zip(keys, R.attention._query_side_keys(rotary, attn, keys, [0]), strict=True):
+        torch.testing.assert_close(k0, k)
+
+
+def test_rotary_path_intervention_is_the_models_attention(rotary, batches):
+    ids, keep = batches[0].input_ids, batches[0].keep
+    points = R.bos_path_intervention(rotary, ATTENTION, ROTARY_HEAD, [batches[0]])
+    mask = keep.clone()
+    mask[:, :1] = False
+    rotary.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = rotary.model(input_ids=ids, output_attentions=True).attentions[ROTARY_HEAD[0]]
+    finally:
+        rotary.model.set_attn_implementation("sdpa")
+    assert np.allclose(points["p_bos_clean"].to_numpy(), att[:, ROTARY_HEAD[1], :, 0][mask].numpy(), atol=1e-5)
+
+
+def test_rotary_path_intervention_direction(rotary, batches):
+    summary = R.summarize_path(R.bos_path_intervention(rotary, ATTENTION, ROTARY_HEAD, batches[:3]))
+    assert summary["act_mean"] > 0 and summary["d_p_bos"] > 0.05
+    other = R.summarize_path(R.bos_path_intervention(rotary, (0, 7), ROTARY_HEAD, batches[:3]))
+    assert abs(other["d_p_bos"]) < 0.2 * summary["d_p_bos"]
+
+
+def test_qwen3_query_norm_has_no_linear_score(tmp_path):
+    qwen3 = load_model(str(save_tiny_model(tmp_path, "qwen3", seed=0)))
+    with pytest.raises(NotImplementedError, match="q_norm"):
+        R.bos_scores(qwen3)
+    points = R.bos_path_intervention(qwen3, (0, 0), (1, 0), [torch.randint(1, 500, (2, 12))])
+    assert len(points) == 2 * 11 and points["p_bos_clean"].between(0, 1).all()  # the intervention still runs
+    ent = R.entropy_scores(qwen3)  # weight scores work everywhere
+    assert len(ent) == qwen3.n_neurons and ent["null_share"].between(0, 1).all()
 
 
 # --------------------------------------------------------------------------------------------------------------------

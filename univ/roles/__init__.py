@@ -8,8 +8,9 @@ removes never count. One module per job, in dependency order:
                 ``RoleThresholds`` and ``classify_roles`` turn every module's scores into one ``role``
     entropy     entropy neurons: a large w_out in W_U's effective null space rescales the final norm (a
                 temperature); ``entropy_intervention`` fixes the activation and records entropy, loss, σ, ranks
-    attention   attention (de)activation neurons: ŵ_outᵀ W_Q k_BOS against a random-direction baseline;
-                ``bos_path_intervention`` removes the neuron from a later head's queries only (GPT-2 only)
+    attention   attention (de)activation neurons: ŵ_outᵀ W_Q k_BOS against a random-direction baseline
+                (rotary models: averaged over query positions);
+                ``bos_path_intervention`` removes the neuron from a later head's queries only
     run         ``univ roles DIR``: scores every neuron of a run's analysed models, intervenes on candidates,
                 writes roles.parquet and the intervention tables, joins profiles.parquet; the CLI (``register``)
 

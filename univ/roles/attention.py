@@ -10,9 +10,17 @@ w_out); ``bos_z = h / rms(baseline of that head)`` makes heads comparable, and |
 role (a Gaussian tail of 6e-7 per pair: ~1 false pair among GPT-2 small's 2.6 M). Confirmed by
 ``bos_path_intervention``: remove activation × w_out (raw weights: exactly what the neuron added) from
 the residual that feeds the head's *queries* only — keys and values untouched — and measure the change
-in attention to BOS and in the head's output norm. GPT-2 only: rotary models (NeoX, Llama, …) rotate
-queries by position, so the score depends on the query position and the path edit needs their attention
-internals; both raise NotImplementedError there.
+in attention to BOS and in the head's output norm.
+
+Rotary models (GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Gemma) rotate q and k by position: BOS's key sits at
+position 0, where the rotation is the identity, but a query at position p is rotated by R_p, so its score
+for BOS is q·R_pᵀ k_BOS and the neuron's effect depends on p. The paper's score is position-free (GPT-2 has
+absolute positions); here the rotary score is its average over query positions p ∈ P (default 1…255, the
+paper's 256-token context): ``h(n) = ŵ_outᵀ W_Q^h mean_p(R_pᵀ) k_BOS^h · scale`` — exact for the expected
+change of the BOS logit at a uniformly drawn query position, and GPT-2's score when nothing rotates. The
+path intervention needs no approximation: it recomputes the head from the attention input with the model's
+own rotary tables (and Qwen3's q/k norms), one code path for every architecture. Qwen3's RMS-normalised
+queries make the score non-linear in w_out: bos_scores refuses them (NotImplementedError).
 """
 
 from __future__ import annotations
@@ -44,16 +52,44 @@ __all__ = [
 # Attention deactivation: scores
 
 
-def _require_absolute_positions(lm: LoadedModel, what: str) -> list:
-    attn = attention_weights(lm)
-    rotary = [a.rotary_dims for a in attn if a.rotary_dims]
-    if rotary:
+DEFAULT_QUERY_POSITIONS = range(1, 256)  # rotary models: the paper's attention context was 256 tokens
+
+
+def _rotary_tables(lm: LoadedModel, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's own rotary cos and sin at these positions: [P, rotary_dims] float32 each."""
+    rotary = getattr(lm.base_model, "rotary_emb", None)
+    if rotary is None:
         raise NotImplementedError(
-            f"{what} is not implemented for {lm.meta.get('model_type', lm.adapter.model_type)!r}: its attention "
-            f"rotates queries and keys by position (rotary_dims={rotary[0]}), so w_outᵀ W_Q k_BOS depends on the "
-            "query position. Supported: GPT-2 style models with absolute position embeddings."
+            f"model_type {lm.adapter.model_type!r} rotates queries and keys but keeps no rotary_emb on its base "
+            "model; univ cannot read its rotary tables"
         )
-    return attn
+    probe = torch.zeros(1, device=lm.device, dtype=torch.float32)  # sets only the tables' dtype and device
+    cos, sin = rotary(probe, positions.to(lm.device)[None])
+    return cos[0].float(), sin[0].float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """R x in the Hugging Face convention: rotate_half on the first cos.shape[-1] dims of each head."""
+    dims = cos.shape[-1]
+    rot, rest = x[..., :dims], x[..., dims:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat([rot * cos + torch.cat([-x2, x1], dim=-1) * sin, rest], dim=-1)
+
+
+def _query_side_keys(lm: LoadedModel, attn: list, keys: list[Tensor], positions: Any) -> list[Tensor]:
+    """Per layer, the key a query should align with to attend to BOS: k_BOS, or mean_p R_pᵀ k_BOS (rotary).
+
+    R_pᵀ = R_{-p} (cos, −sin) and the rotation is linear, so the mean over positions is one rotation by the
+    mean tables.
+    """
+    if not any(a.rotary_dims for a in attn):
+        return keys
+    pos = torch.as_tensor(list(positions), dtype=torch.long)
+    if pos.numel() == 0 or int(pos.min()) < 0:
+        raise ValueError("query_positions must be a non-empty list of positions ≥ 0")
+    cos, sin = _rotary_tables(lm, pos)
+    cos, sin = cos.mean(0).to(keys[0].device), sin.mean(0).to(keys[0].device)
+    return [_rotate(k, cos, -sin) if a.rotary_dims else k for a, k in zip(attn, keys, strict=True)]
 
 
 @torch.no_grad()
@@ -165,15 +201,23 @@ class BosScores:
 
 
 @torch.no_grad()
-def bos_scores(lm: LoadedModel, *, n_random: int = 1000, seed: int = 0) -> BosScores:
+def bos_scores(
+    lm: LoadedModel, *, n_random: int = 1000, seed: int = 0, query_positions: Any = DEFAULT_QUERY_POSITIONS
+) -> BosScores:
     """The attention-deactivation heuristic for every (neuron, later head) pair (module docstring).
 
     Processed weights on the query side (attention norm γ folded into W_Q, centred over d_model; processed,
     unit-normalised w_out) and the model's own BOS key: the score is per unit of normalised residual, as the
-    paper's. Rotary models raise NotImplementedError.
+    paper's. Rotary models: averaged over ``query_positions`` (module docstring); Qwen3's q/k norms raise
+    NotImplementedError.
     """
-    attn = _require_absolute_positions(lm, "the BOS attention score")
-    keys = bos_keys(lm)
+    attn = attention_weights(lm)
+    if any(a.q_norm is not None for a in attn):
+        raise NotImplementedError(
+            f"the BOS attention score is linear in the query; model_type {lm.adapter.model_type!r} RMS-normalises "
+            "queries and keys per head (q_norm/k_norm), so it has no such score (the path intervention still works)"
+        )
+    keys = _query_side_keys(lm, attn, bos_keys(lm), query_positions)
     layernorm = lm.adapter.norm == "layernorm"
     d_model = lm.d_model
     # g[l, h] = W_Q'^h k_BOS^h · scale, the residual direction that raises head h's score for BOS.
@@ -216,6 +260,29 @@ class _Stop(Exception):
     """Raised by the probe hook once the head is measured: the rest of the forward is not needed."""
 
 
+def _attn_norm(x: Tensor, a: Any) -> Tensor:
+    """The norm before attention, from its extracted weights (effective scale; RMSNorm has no bias)."""
+    if a.norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), a.ln_weight.float(), a.ln_bias.float(), a.ln_eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a.ln_eps) * a.ln_weight.float()
+
+
+def _head_qkv(lm: LoadedModel, a: Any, h: int, x_q: Tensor, x_kv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Head h's q, k, v [B, S, d_head] float32 from normed inputs, rotated by position as the model does."""
+    kv = h // (a.n_heads // a.n_kv_heads)  # grouped-query attention
+    q = x_q @ a.w_q[h].float() + a.b_q[h].float()
+    k = x_kv @ a.w_k[kv].float() + a.b_k[kv].float()
+    v = x_kv @ a.w_v[kv].float() + a.b_v[kv].float()
+    if a.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before the rotation
+        eps = float(getattr(lm.model.config, "rms_norm_eps", 1e-6))
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * a.q_norm.float()
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * a.k_norm.float()
+    if a.rotary_dims:
+        cos, sin = _rotary_tables(lm, torch.arange(x_q.shape[1]))  # [S, rotary_dims]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    return q, k, v
+
+
 @torch.no_grad()
 def _probe_head(
     lm: LoadedModel,
@@ -227,16 +294,13 @@ def _probe_head(
 ) -> dict[str, Tensor]:
     """One forward up to the head's layer: the neuron's activation and the head's BOS attention and norms.
 
-    With ``ablate`` (the raw w_out, [d_model]), the queries are computed from resid − act · w_out at positions
-    ≥ after_pos; keys and values from the untouched residual (GPT-2's fused c_attn: only the q third changes).
+    The head is recomputed from the residual entering its layer with the extracted weights (every
+    architecture alike). With ``ablate`` (the raw w_out, [d_model]), the queries read resid − act · w_out at
+    positions ≥ after_pos; keys and values read the untouched residual.
     """
     (n_layer, n), (a_layer, h) = neuron, head
-    block = lm.layer(a_layer)
-    ln = _module(block, lm.adapter.attn_norm)
-    attn = _module(block, lm.adapter.attn)
-    c_attn = attn.c_attn
+    ln = _module(lm.layer(a_layer), lm.adapter.attn_norm)
     aw = attention_weights(lm)[a_layer]
-    d_model, d_head = lm.d_model, aw.d_head
     got: dict[str, Tensor] = {}
 
     def grab_act(module: torch.nn.Module, args: tuple) -> None:
@@ -244,36 +308,10 @@ def _probe_head(
 
     def grab_resid(module: torch.nn.Module, args: tuple) -> None:
         got["resid"] = args[0]
-
-    def measure(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-        if ablate is not None:
-            x = got["resid"]
-            delta = got["act"][..., None] * ablate.to(x.dtype)  # [B, S, d_model]
-            delta[:, :after_pos] = 0
-            x_q = F.layer_norm(x - delta, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            q_all = x_q @ c_attn.weight[:, :d_model] + c_attn.bias[:d_model]
-        else:
-            q_all = out[..., :d_model]
-        sl = slice(h * d_head, (h + 1) * d_head)
-        q = q_all[..., sl].float()  # [B, S, d_head]
-        k = out[..., d_model:][..., sl].float()
-        v = out[..., 2 * d_model :][..., sl].float()
-        s = torch.einsum("bqe,bke->bqk", q, k) * aw.scale
-        seq = s.shape[-1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=s.device).tril()
-        probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)  # [B, S, S]
-        z = probs @ v  # [B, S, d_head]
-        got["p_bos"] = probs[..., 0]
-        got["z_norm"] = z.norm(dim=-1)
-        got["out_norm"] = (z @ aw.w_o[h].float()).norm(dim=-1)
-        raise _Stop
+        raise _Stop  # the rest of the forward is not needed
 
     mlp_out = _module(lm.layer(n_layer), lm.adapter.mlp_out)
-    handles = [
-        mlp_out.register_forward_pre_hook(grab_act),
-        ln.register_forward_pre_hook(grab_resid),
-        c_attn.register_forward_hook(measure),
-    ]
+    handles = [mlp_out.register_forward_pre_hook(grab_act), ln.register_forward_pre_hook(grab_resid)]
     try:
         lm.base_model(input_ids=input_ids.to(lm.device), use_cache=False)
     except _Stop:
@@ -281,7 +319,25 @@ def _probe_head(
     finally:
         for handle in handles:
             handle.remove()
-    return {k: got[k].float() for k in ("act", "p_bos", "z_norm", "out_norm")}
+    x = got["resid"].float()  # [B, S, d_model]
+    x_kv = _attn_norm(x, aw)
+    x_q = x_kv
+    if ablate is not None:
+        delta = got["act"].float()[..., None] * ablate.float()  # [B, S, d_model]
+        delta[:, :after_pos] = 0
+        x_q = _attn_norm(x - delta, aw)
+    q, k, v = _head_qkv(lm, aw, h, x_q, x_kv)
+    s = torch.einsum("bqe,bke->bqk", q, k) * aw.scale
+    seq = s.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=s.device).tril()
+    probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)  # [B, S, S]
+    z = probs @ v  # [B, S, d_head]
+    return {
+        "act": got["act"].float(),
+        "p_bos": probs[..., 0],
+        "z_norm": z.norm(dim=-1),
+        "out_norm": (z @ aw.w_o[h].float()).norm(dim=-1),
+    }
 
 
 @torch.no_grad()
@@ -299,15 +355,9 @@ def bos_path_intervention(
     p_bos_ablated, z_norm_clean, z_norm_ablated, out_norm_clean, out_norm_ablated (z: the head's value mix,
     TransformerLens' hook_z; out: z · W_O^h). ``clean − ablated`` is the neuron's effect through the query:
     positive in p_bos and negative in the norms for a deactivation neuron (bos_score > 0) that fires.
-    GPT-2 layout only (fused c_attn, absolute positions); other models raise NotImplementedError.
+    Every supported architecture (rotary and grouped-query attention included: module docstring).
     """
     (n_layer, n), (a_layer, h) = (int(neuron[0]), int(neuron[1])), (int(head[0]), int(head[1]))
-    _require_absolute_positions(lm, "the BOS path intervention")
-    if lm.adapter.model_type != "gpt2":
-        raise NotImplementedError(
-            f"the BOS path intervention edits GPT-2's fused query/key/value projection (c_attn); model_type "
-            f"{lm.adapter.model_type!r} is not supported"
-        )
     if not (0 <= n_layer < lm.n_layers and 0 <= n < lm.d_mlp):
         raise IndexError(f"neuron {n_layer}.{n} out of range: {lm.n_layers} layers of {lm.d_mlp} neurons")
     n_heads = attention_weights(lm)[0].n_heads
