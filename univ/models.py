@@ -59,6 +59,7 @@ __all__ = [
     "mlp_activation",
     "mlp_weights",
     "register_adapter",
+    "require_causal",
     "run_with_neuron_values",
     "short_name",
     "split_revision",
@@ -233,7 +234,9 @@ class Adapter:
     ``layers`` and ``final_norm`` are relative to the base model (``model.base_model``); the other paths are
     relative to one block. ``split_attention(attn_module, config)`` returns the fields of
     :class:`AttnWeights` except the norm ones. ``norm_offset`` is added to norm weights to get the
-    effective scale (Gemma's RMSNorm computes ``x̂ · (1 + w)``).
+    effective scale (Gemma's RMSNorm computes ``x̂ · (1 + w)``). ``causal=False`` marks a masked LM
+    (BERT): loaded with ``auto_class``, read like any other for activations and MLP weights, but without the
+    next-token parts (unembedding, attention roles), which refuse with :class:`ModelError`.
     """
 
     model_type: str
@@ -249,6 +252,8 @@ class Adapter:
     split_attention: Callable[[nn.Module, Any], dict[str, Any]]
     mlp_up: str | None = None  # gated MLPs: the up projection
     norm_offset: float = 0.0
+    causal: bool = True  # False: a masked LM, no next-token unembedding or attention roles
+    auto_class: str = "AutoModelForCausalLM"  # the transformers class that loads it
 
     @property
     def gated(self) -> bool:
@@ -296,8 +301,24 @@ LLAMA = Adapter(
     final_norm="norm", norm="rmsnorm", split_attention=_llama_attention,
 )  # fmt: skip
 
+
+def _no_attention_split(attn: nn.Module, config: Any) -> dict[str, Any]:
+    raise NotImplementedError("this adapter does not describe its attention")
+
+
+# BERT-style encoders (MultiBERTs): post-LN blocks, attn → add & LayerNorm → MLP → add & LayerNorm. The MLP
+# reads the attention sublayer's output norm, so that is its mlp_norm; there is no norm *before* attention
+# and no final norm, and the MLM head transforms the residual (dense, GELU, LayerNorm) before its decoder.
+BERT = Adapter(
+    model_type="bert", layers="encoder.layer", mlp_in="intermediate.dense", mlp_out="output.dense",
+    act="intermediate.intermediate_act_fn", mlp_norm="attention.output.LayerNorm", attn="attention.self",
+    attn_norm="", final_norm="", norm="layernorm", split_attention=_no_attention_split, causal=False,
+    auto_class="AutoModelForMaskedLM",
+)  # fmt: skip
+
 for _adapter in (
     GPT2,
+    BERT,
     GPT_NEOX,
     LLAMA,
     dataclasses.replace(LLAMA, model_type="mistral"),
@@ -535,7 +556,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local directory or a Hugging Face Hub name.
+    """Load a causal LM (or a BERT-style masked LM) and its tokenizer from a local folder or a Hub name.
 
     ``NAME@REVISION`` loads a Hub branch, tag or commit (model and tokenizer), or a local model folder's
     checkpoint subfolder (:func:`split_revision`). A name that is neither a local folder nor loadable from
@@ -549,7 +570,7 @@ def load_model(
         (2, 1024)
     """
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
@@ -567,9 +588,8 @@ def load_model(
     # transformers renamed torch_dtype to dtype in 4.56.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
-    model = AutoModelForCausalLM.from_pretrained(
-        src.path, trust_remote_code=trust_remote_code, **src.kwargs(), **dtype_kw
-    )
+    model_class = getattr(transformers, adapter.auto_class)
+    model = model_class.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs(), **dtype_kw)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -581,6 +601,12 @@ def load_model(
             f"model {name_or_path!r} loaded but its tokenizer did not ({reason}); save the tokenizer beside the "
             "model (tokenizer.save_pretrained(path))"
         ) from e
+
+    if not adapter.causal and tokenizer.bos_token is None and tokenizer.cls_token is not None:
+        # BERT's sequences start with [CLS] and segments end with [SEP]: the token stream's BOS and separator
+        tokenizer.bos_token = tokenizer.cls_token
+        if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+            tokenizer.eos_token = tokenizer.sep_token
 
     layers = _module(model.base_model, adapter.layers)
     w_in, _ = _in_out(_module(layers[0], adapter.mlp_in))
@@ -688,8 +714,19 @@ def mlp_weights(lm: LoadedModel) -> list[MlpWeights]:
     return out
 
 
+def require_causal(lm: LoadedModel, what: str) -> None:
+    """Refuse next-token analyses of a masked LM with a one-line :class:`ModelError` that says what applies."""
+    if not lm.adapter.causal:
+        raise ModelError(
+            f"{what} needs a causal LM's next-token path; {lm.name!r} is a masked LM (model_type "
+            f"{lm.adapter.model_type!r}), where univ supports correlate, universal, stats and families (analyze "
+            "leaves the vocabulary weight columns empty) but not roles"
+        )
+
+
 def attention_weights(lm: LoadedModel) -> list[AttnWeights]:
     """Per layer attention weights split into heads (see :class:`AttnWeights` for shapes, GQA and rotary)."""
+    require_causal(lm, "reading attention weights for the BOS attention roles")
     a = lm.adapter
     out = []
     for i in range(lm.n_layers):
@@ -705,6 +742,7 @@ def unembedding(lm: LoadedModel) -> tuple[Tensor, Tensor, Tensor | None]:
 
     d_vocab is the model's (it may exceed the tokenizer's: Pythia pads it to a multiple of 128).
     """
+    require_causal(lm, "the unembedding (vocabulary and entropy roles)")
     w_u = lm.model.get_output_embeddings().weight.detach().T
     ln_w, ln_b, _ = _norm_weights(_module(lm.base_model, lm.adapter.final_norm), lm.adapter.norm_offset)
     return w_u, ln_w, ln_b

@@ -117,7 +117,8 @@ def weight_stats(lm: LoadedModel) -> pd.DataFrame:
         >>> df = weight_stats(load_model("runs/zoo/seed-0"))  # doctest: +SKIP
         >>> df.groupby("layer").vocab_kurt.median()  # doctest: +SKIP
     """
-    w_u, _ = processed_unembedding(lm)
+    # a masked LM (BERT) has no direct unembedding: its vocab_* columns are NaN, the others as usual
+    w_u = processed_unembedding(lm)[0] if lm.adapter.causal else torch.full((lm.d_model, 1), float("nan"))
     u_hat = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-30)  # [d_model, V]; unit columns
     rows = []
     for layer, p in enumerate(processed_mlp_weights(lm)):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from univ.models import LoadedModel, attention_weights, mlp_weights
+from univ.models import LoadedModel, attention_weights, mlp_weights, require_causal
 from univ.roles.entropy import _ids_keep, _module
 from univ.weights import processed_mlp_weights
 
@@ -358,6 +358,7 @@ def bos_path_intervention(
     Every supported architecture (rotary and grouped-query attention included: module docstring).
     """
     (n_layer, n), (a_layer, h) = (int(neuron[0]), int(neuron[1])), (int(head[0]), int(head[1]))
+    require_causal(lm, "the BOS path intervention")
     if not (0 <= n_layer < lm.n_layers and 0 <= n < lm.d_mlp):
         raise IndexError(f"neuron {n_layer}.{n} out of range: {lm.n_layers} layers of {lm.d_mlp} neurons")
     n_heads = attention_weights(lm)[0].n_heads

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from univ.models import LoadedModel, run_with_neuron_values
+from univ.models import LoadedModel, require_causal, run_with_neuron_values
 from univ.weights import processed_mlp_weights, processed_unembedding
 
 __all__ = [
@@ -265,6 +265,7 @@ def entropy_intervention(
     = -1, no intervention). Columns: layer, neuron, kind, multiple, value, act_max, entropy, loss, ln_scale,
     true_rank, mrr, n_tokens.
     """
+    require_causal(lm, "the entropy intervention (next-token entropy and loss)")
     neurons = [(int(l_), int(n)) for l_, n in neurons]
     batches = list(batches)
     for layer, n in neurons:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from univ.models import LoadedModel
+from univ.models import LoadedModel, require_causal
 from univ.weights import processed_mlp_weights, processed_unembedding, weight_stats
 
 __all__ = [
@@ -64,6 +64,7 @@ def vocab_role_scores(lm: LoadedModel) -> pd.DataFrame:
 
     Adds ``vocab_var_ratio = vocab_var · d_model``: 1 for a random direction, whatever the model's width.
     """
+    require_causal(lm, "the vocabulary roles (prediction, suppression, partition)")
     df = weight_stats(lm)[["layer", "neuron", "w_out_norm", "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt"]]
     return df.assign(vocab_var_ratio=df["vocab_var"] * lm.d_model)
 
