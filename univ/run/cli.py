@@ -39,10 +39,11 @@ def register(subparsers) -> None:
                    help="reference: model 1 vs each other (the paper); all-pairs: every pair")
     p.add_argument("--baseline", choices=BASELINES, default="gaussian",
                    help="rotation baseline: the paper's row-normalised gaussian, Haar orthogonal, or none")
-    p.add_argument("--baseline-seed", type=int, default=0)
+    p.add_argument("--baseline-seed", type=int, default=0,
+                   help="seed of the random rotations; another seed gives another draw of the baseline")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per sequence, BOS first (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order (which documents fill which batch)")
     p.add_argument("--text-field", default="text", help="text column of jsonl/parquet/hub data")
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--keep-newlines", action="store_true", help="do not exclude newline positions")
@@ -50,7 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--operand-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="GEMM operand dtype (default fp32 on CPU, fp16 for half models on CUDA)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="correlation kernels: torch (BLAS/cuBLAS), triton (fused, GPU), auto: triton on CUDA")
     p.add_argument("--gemm", default=None, choices=["cublas", "triton"], help="GPU GEMM path")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                    help="accumulator memory budget (default 90%% of free device memory)")
