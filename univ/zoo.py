@@ -531,7 +531,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``univ zoo train`` and ``univ zoo info``."""
     d = ZooConfig()
-    zoo = subparsers.add_parser("zoo", help="train or inspect the toy seed zoo (tiny GPT-2s on Shakespeare)")
+    zoo = subparsers.add_parser(
+        "zoo", help="train or inspect the toy seed zoo (tiny GPT-2s on Shakespeare)",
+        description="The seed zoo: small GPT-2s that differ only in their training seed, trained on the shipped\n"
+        "Shakespeare corpus with a BPE tokenizer trained on it. 'univ demo' correlates them; 'zoo train'\n"
+        "rebuilds it (or trains another), 'zoo info' prints what a zoo holds.",
+        epilog="examples:\n  univ zoo info\n  univ zoo train --out zoo --seeds 0 1 2 --fp16 --threads 1\n"
+        "  univ zoo train --out zoo5 --seeds 0 1 2 3 4 --steps 6000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
 
     def _help(args: argparse.Namespace) -> int:
@@ -540,26 +548,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     zoo.set_defaults(func=_help)
 
-    train = sub.add_parser("train", help="train a zoo of seeds (deterministic per seed)")
+    train = sub.add_parser(
+        "train", help="train a zoo of seeds (deterministic per seed)",
+        description="Train one model per seed on the shipped corpus's train split (the held-out plays stay\n"
+        "unseen) and write DIR/seed-N/ (weights, config, tokenizer) and DIR/manifest.json (config, losses,\n"
+        "times). A seed and --threads fix the result: the same command gives the same weights.",
+        epilog="examples:\n"
+        "  univ zoo train --out univ/assets/zoo --seeds 0 1 2 --fp16 --threads 1   # the shipped zoo\n"
+        "  univ zoo train --out /tmp/zoo --seeds 0 1 --steps 200 --layers 1   # a quick one",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--out", metavar="DIR", help="output folder (default: a folder in the univ cache)")
-    train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="(default 0 1 2)")
+    train.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                       help="training seeds, one model each (default 0 1 2)")
     train.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
     train.add_argument("--d-model", dest="n_embd", type=int, metavar="N", help=f"residual width (default {d.n_embd})")
     train.add_argument(
         "--d-mlp", dest="n_inner", type=int, metavar="N", help=f"MLP neurons per layer (default {d.n_inner})"
     )
-    train.add_argument("--layers", dest="n_layer", type=int, metavar="N", help=f"(default {d.n_layer})")
-    train.add_argument("--heads", dest="n_head", type=int, metavar="N", help=f"(default {d.n_head})")
+    train.add_argument("--layers", dest="n_layer", type=int, metavar="N",
+                       help=f"transformer blocks (default {d.n_layer})")
+    train.add_argument("--heads", dest="n_head", type=int, metavar="N", help=f"attention heads (default {d.n_head})")
     train.add_argument("--ctx", dest="n_ctx", type=int, metavar="N", help=f"context length (default {d.n_ctx})")
     train.add_argument("--vocab-size", type=int, metavar="N", help=f"BPE vocabulary (default {d.vocab_size})")
     train.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per step (default {d.batch_size})")
     train.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate (default {d.lr})")
-    train.add_argument("--warmup-steps", type=int, metavar="N", help=f"(default {d.warmup_steps})")
+    train.add_argument("--warmup-steps", type=int, metavar="N",
+                       help=f"linear learning-rate warm-up steps (default {d.warmup_steps})")
     train.add_argument(
-        "--corpus-chars", type=int, metavar="N", help="train on the first N characters of the train split only"
+        "--corpus-chars", type=int, metavar="N",
+        help="train on the first N characters of the train split only (default: all)"
     )
     train.add_argument(
-        "--threads", type=int, metavar="N", help=f"CPU threads; part of what makes runs identical ({d.threads})"
+        "--threads", type=int, metavar="N", help=f"CPU threads; part of what makes runs identical (default {d.threads})"
     )
     train.add_argument("--fp16", action="store_true", help="save weights in fp16 (what ships)")
     train.add_argument(
@@ -570,8 +591,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(func=_cmd_train)
 
-    info = sub.add_parser("info", help="print a zoo's manifest (default: the shipped zoo)")
-    info.add_argument("zoo", nargs="?", help="zoo folder")
+    info = sub.add_parser(
+        "info", help="print a zoo's manifest (default: the shipped zoo)",
+        description="Print a zoo's folder, model shape, training steps, held-out losses and the command that\n"
+        "trained it (from its manifest.json).",
+        epilog="examples:\n  univ zoo info                 # the shipped zoo\n  univ zoo info /tmp/zoo --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument("zoo", nargs="?", help="zoo folder (default: the shipped zoo)")
     info.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     info.set_defaults(func=_cmd_info)
 
