@@ -15,8 +15,10 @@ import univ.models
 from tests.helpers import corpus_text, save_tiny_model
 from univ.analyze import PROFILE_COLUMNS, register, run_analyze
 from univ.data import token_batches
+from univ.errors import Refused, UserError
 from univ.families import run_families
 from univ.stats import run_stats
+from univ.tables import run_id, table_run_id, write_parquet
 
 CTX, BATCH, TOKENS = 32, 8, 600
 
@@ -117,6 +119,14 @@ def test_analyze_one_pass_writes_profiles(run_dir, monkeypatch, capsys):
     compare = pd.read_csv(run_dir / "universal_compare.csv")
     assert set(compare.model) == {"a", "b"} and "act_kurt" in set(compare.metric)
 
+    # every table is stamped with the run it was computed from; which tokens occur is kept for the report
+    rid = run_id(run_dir)
+    assert info["run_id"] == rid and rid.startswith("legacy-")  # this run.json predates run ids
+    for name in ("profiles", "universal", "families", "top_examples", "token_counts"):
+        assert table_run_id(run_dir / f"{name}.parquet") == rid, name
+    counts = pd.read_parquet(run_dir / "token_counts.parquet")
+    assert (counts["count"] > 0).all() and counts["count"].sum() == info["token_counts_tokens"] >= TOKENS
+
 
 def test_stats_and_families_commands(run_dir):
     p = run_stats(run_dir, tokens=300, verbose=False)
@@ -135,7 +145,40 @@ def test_cli_and_errors(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="run.json not found"):
         args.func(args)
     (tmp_path / "run.json").write_text(json.dumps({"models": ["x"], "labels": ["a"]}))
-    with pytest.raises(ValueError, match="no data.source"):
+    with pytest.raises(UserError, match="no data.source"):
         args.func(args)
     args = parser.parse_args(["analyze", str(run_dir), "--tokens", "300", "--top-k", "1", "--syntax", "off"])
     assert args.func(args) == 0
+
+
+def _copy_run(src, dst):
+    dst.mkdir()
+    for name in ("run.json", "neurons.parquet"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_refuses_tables_of_another_run_before_loading(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "mixed")
+    neurons = pd.read_parquet(run / "neurons.parquet")
+    write_parquet(neurons, run / "neurons.parquet", "an-older-run")
+    monkeypatch.setattr(univ.models, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(Refused, match="an-older-run.*would mix two runs"):
+        run_analyze(run, tokens=300, top_k=1, syntax="off", verbose=False)
+
+
+def test_corrupt_neuron_table_is_named_corrupt(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "cut")
+    data = (run / "neurons.parquet").read_bytes()
+    (run / "neurons.parquet").write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(UserError, match="neurons.parquet is corrupt"):
+        run_analyze(run, tokens=300, top_k=1, syntax="off", verbose=False)
+
+
+def test_unknown_analysed_label_fails_before_loading(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "labels")
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "analysed": ["zz"]}))
+    monkeypatch.setattr(univ.models, "load_model", lambda *a, **k: pytest.fail("loaded a model before failing"))
+    with pytest.raises(UserError, match="'zz' is not among the labels"):
+        run_analyze(run, tokens=300, top_k=1, syntax="off", verbose=False)

@@ -23,6 +23,7 @@ and nothing of size tokens × neurons is kept. Files written in DIR:
     top_examples.parquet      model, layer, neuron, rank, value, tokens, position, token, sequence,
                               ctx_position, text
     universal_compare.csv     median within-layer percentiles, universal vs other (stats.compare_universal)
+    token_counts.parquet      id, count: occurrences of each token among the first --unigram-sample kept tokens
     analyze.json              options, thresholds, tokens streamed per model, versions
 """
 
@@ -52,10 +53,14 @@ from univ.families import (
     thresholds_from_args,
 )
 from univ.stats import ACT_COLUMNS, COMPARE_COLUMNS, ActivationStats, add_layer_percentiles, compare_universal
-from univ.universal import format_layer_table, read_neurons, read_run, select_universal, universal_by_layer
+from univ.tables import check_same_run, read_table, write_parquet
+from univ.universal import format_layer_table, read_run, select_universal, universal_by_layer
 from univ.vocab_features import vocab_features
 
 __all__ = ["PROFILE_COLUMNS", "ModelProfile", "profile_model", "profile_run", "register", "run_analyze"]
+
+# Tables 'univ correlate' writes beside run.json: analyze refuses them when stamped with another run.
+CORRELATE_TABLES = ["neurons.parquet", "histograms.parquet", "activation_stats.parquet"]
 
 PROFILE_COLUMNS = [
     "model", "layer", "neuron", "is_universal", "excess_corr", "family", "best_feature", "best_vr",
@@ -117,7 +122,8 @@ def profile_model(
         bar.update(batch.n_kept)
     bar.close()
     if seen == 0:
-        raise ValueError(f"model {label or lm.name!r}: the data gave no kept token to profile")
+        raise UserError(f"model {label or lm.name!r}: the run's data gave no kept token to profile; "
+                        "check run.json's data source (or pass more --tokens)")
     stats_df = stats.result()
     fam_df = None
     if families is not None:
@@ -132,7 +138,7 @@ def run_data_spec(manifest: dict[str, Any], tokens: int | None, batch_size: int 
 
     data = dict(manifest.get("data") or {})
     if "source" not in data:
-        raise ValueError(
+        raise UserError(
             "run.json has no data.source: cannot stream the run's data (was it written by 'univ correlate'?)"
         )
     fields = {f.name for f in dataclasses.fields(DataSpec)}
@@ -194,8 +200,14 @@ def profile_run(
     thresholds = thresholds or FamilyThresholds()
     say = print if verbose else (lambda *a, **k: None)
     manifest = read_run(run_dir)
+    rid = check_same_run(run_dir, CORRELATE_TABLES, stage="univ analyze", fix=f"'univ correlate' into {run_dir}")
+    labels, models = manifest["labels"], manifest["models"]
+    for label in manifest["analysed"]:  # before anything slow
+        if label not in labels:
+            raise UserError(f"{run_dir / 'run.json'}: analysed model {label!r} is not among the labels {labels}; "
+                            "the file was edited or is corrupt: rerun 'univ correlate'")
     stream = _RunStream(manifest, run_data_spec(manifest, tokens, batch_size))
-    neurons = _selection(run_dir, threshold, rule, write=outputs == "all", say=say)
+    neurons = _selection(run_dir, threshold, rule, write=outputs == "all", say=say, run=rid)
     nlp = None
     if families and syntax != "off":
         nlp = load_syntax_model(spacy_model, verbose=verbose)
@@ -204,11 +216,8 @@ def profile_run(
                             f'(pip install "univ[syntax]" && python -m spacy download {spacy_model})')
 
     started = time.time()
-    labels, models = manifest["labels"], manifest["models"]
     stats_frames, fam_frames, top_frames, seen = [], [], [], {}
     for label in manifest["analysed"]:
-        if label not in labels:
-            raise ValueError(f"run.json: analysed model {label!r} is not among the labels {labels}")
         lm = load_model(models[labels.index(label)], device=device, dtype=dtype)
         fam = top = None
         if families:
@@ -248,14 +257,20 @@ def profile_run(
         profiles, [c for c in [*COMPARE_COLUMNS, "best_vr", "position_mi"] if c in profiles]
     )
     info = {
-        "outputs": outputs, "threshold": threshold, "rule": rule, "data": stream.spec.to_dict(), "tokens": seen,
+        "run_id": rid, "outputs": outputs, "threshold": threshold, "rule": rule, "data": stream.spec.to_dict(),
+        "tokens": seen,
         "families": dataclasses.asdict(thresholds) if families else None, "top_k": top_k if families else 0,
         "syntax": nlp is not None,
         "features": {"n_tokens": n_tokens, "n_unigrams": n_unigrams, "unigram_sample": unigram_sample},
         "seconds": round(time.time() - started, 1), "versions": {"torch": torch.__version__, "pandas": pd.__version__},
     }  # fmt: skip
+    if stream.counts and outputs == "all":  # which tokens occur in the data (the report marks the others)
+        counts = next(iter(stream.counts.values()))
+        seen_ids = np.flatnonzero(counts)
+        write_parquet(pd.DataFrame({"id": seen_ids, "count": counts[seen_ids]}), run_dir / "token_counts.parquet", rid)
+        info["token_counts_tokens"] = int(counts.sum())
     return _write_outputs(
-        run_dir, outputs, profiles, fam_df, top_frames, info, has_neurons=neurons is not None, say=say
+        run_dir, outputs, profiles, fam_df, top_frames, info, has_neurons=neurons is not None, say=say, run=rid
     )
 
 
@@ -303,16 +318,18 @@ class _RunStream:
         return self.spec.max_tokens is not None and self.spec.max_tokens <= HOLD_TOKENS
 
 
-def _selection(run_dir: Path, threshold: float, rule: str, *, write: bool, say: Any) -> pd.DataFrame | None:
+def _selection(
+    run_dir: Path, threshold: float, rule: str, *, write: bool, say: Any, run: str | None = None
+) -> pd.DataFrame | None:
     """neurons.parquet with is_universal (None if the run has none); with ``write``, the universal files."""
     if not (run_dir / "neurons.parquet").is_file():
         say(f"note: {run_dir / 'neurons.parquet'} not found; profiles carry no universality")
         return None
-    neurons = read_neurons(run_dir)
+    neurons = read_table(run_dir / "neurons.parquet", made_by="univ correlate")
     neurons = neurons.assign(is_universal=select_universal(neurons, threshold=threshold, rule=rule))
     if write:
         universal = neurons[neurons["is_universal"]].reset_index(drop=True)
-        universal.to_parquet(run_dir / "universal.parquet", index=False)
+        write_parquet(universal, run_dir / "universal.parquet", run)
         universal.to_csv(run_dir / "universal.csv", index=False)
         say(f"universal neurons (rule {rule!r}, threshold {threshold}):")
         say(format_layer_table(universal_by_layer(neurons)))
@@ -329,6 +346,7 @@ def _write_outputs(
     *,
     has_neurons: bool,
     say: Any,
+    run: str | None = None,
 ) -> Path:
     """Write the files of ``outputs`` (module doc lists them); return the main one."""
     if outputs in ("all", "stats") and has_neurons:
@@ -339,20 +357,20 @@ def _write_outputs(
     if fam_df is not None and outputs != "stats":
         keys = ["model", "layer", "neuron"]
         fam_df = fam_df.merge(profiles[[*keys, "is_universal"]], on=keys, how="left") if has_neurons else fam_df
-        fam_df.to_parquet(run_dir / "families.parquet", index=False)
+        write_parquet(fam_df, run_dir / "families.parquet", run)
         if top_frames:
-            pd.concat(top_frames, ignore_index=True).to_parquet(run_dir / "top_examples.parquet", index=False)
+            write_parquet(pd.concat(top_frames, ignore_index=True), run_dir / "top_examples.parquet", run)
         say(_family_table(profiles))
     if outputs == "stats":
         out = run_dir / "stats.parquet"
-        profiles.to_parquet(out, index=False)
+        write_parquet(profiles, out, run)
         profiles.to_csv(run_dir / "stats.csv", index=False)
     elif outputs == "families":
         out = run_dir / "families.parquet"
     else:
         out = run_dir / "profiles.parquet"
         profiles = _order_columns(profiles)
-        profiles.to_parquet(out, index=False)
+        write_parquet(profiles, out, run)
         profiles.to_csv(run_dir / "profiles.csv", index=False)
         (run_dir / "analyze.json").write_text(json.dumps(info, indent=2, default=str))
     say(f"wrote {out}")

@@ -19,7 +19,6 @@ leaves them in place.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -32,6 +31,7 @@ import pandas as pd
 from univ.roles.attention import BosScores, bos_path_intervention, bos_scores, summarize_path
 from univ.roles.entropy import DEFAULT_MULTIPLES, default_null_dims, entropy_intervention, entropy_scores
 from univ.roles.vocab import ROLE_NAMES, RoleThresholds, classify_roles, top_tokens, vocab_role_scores
+from univ.tables import check_same_run, write_parquet
 from univ.universal import read_run
 
 __all__ = [
@@ -40,6 +40,8 @@ __all__ = [
     "run_roles",
 ]
 
+# Tables roles reads (candidates, the join): refused when stamped with another run than run.json's.
+STAGE_INPUTS = ["neurons.parquet", "universal.parquet", "profiles.parquet"]
 MAX_POINTS = 2000  # per (neuron, head) pair in attention_points.parquet: enough for a scatter plot
 ROLE_COLUMNS = [
     "role", "is_prediction", "is_suppression", "is_partition", "is_entropy", "is_attention", "vocab_var_ratio",
@@ -97,15 +99,12 @@ def _run_batches(manifest: dict, tokenizer: Any, tokens: int, batch_size: int | 
     return list(stream.batches(tokenizer, excluded=run_excluded(manifest, tokenizer)))
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    from univ_kernels.streaming import atomic_write_bytes
-
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
+def _write_parquet(df: pd.DataFrame, path: Path, run: str | None = None) -> None:
+    """Atomic, stamped with the run id the table was computed from (univ.tables)."""
+    write_parquet(df, path, run)
 
 
-def _join_profiles(run_dir: Path, roles: pd.DataFrame) -> bool:
+def _join_profiles(run_dir: Path, roles: pd.DataFrame, run: str | None = None) -> bool:
     """Add (or replace) the role columns of profiles.parquet, keyed by (model, layer, neuron); atomic."""
     path = run_dir / "profiles.parquet"
     if not path.is_file():
@@ -120,7 +119,7 @@ def _join_profiles(run_dir: Path, roles: pd.DataFrame) -> bool:
     merged = profiles.drop(columns=[c for c in cols if c in profiles]).merge(
         roles[keys + cols], on=keys, how="left", validate="many_to_one"
     )
-    _write_parquet(merged, path)
+    _write_parquet(merged, path, run)
     return True
 
 
@@ -159,6 +158,7 @@ def run_roles(
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
     manifest = read_run(run_dir)
+    rid = check_same_run(run_dir, STAGE_INPUTS, stage="univ roles", fix=f"'univ analyze {run_dir}'")
     thresholds = thresholds or RoleThresholds()
     labels = list(manifest["labels"])
     chosen = list(models) if models else list(manifest["analysed"])
@@ -169,7 +169,8 @@ def run_roles(
     rng = np.random.default_rng(seed)
 
     role_frames, curve_frames, attn_frames, point_frames, hist_frames = [], [], [], [], []
-    info: dict[str, Any] = {"thresholds": asdict(thresholds), "seed": seed, "tokens": tokens, "models": {}}
+    info: dict[str, Any] = {"run_id": rid, "thresholds": asdict(thresholds), "seed": seed, "tokens": tokens,
+                            "models": {}}  # fmt: skip
     for label in chosen:
         lm = load_model(manifest["models"][labels.index(label)], device=dev, dtype=dtype)
         notes: list[str] = []
@@ -196,8 +197,9 @@ def run_roles(
         token_keys = set(zip(vocab_roled["layer"], vocab_roled["neuron"], strict=True))
         token_keys |= set(neurons or [])
         tops = top_tokens(lm, token_keys)
-        df = df.merge(tops[["layer", "neuron", "top_promoted", "top_suppressed"]], on=["layer", "neuron"], how="left")
-        for c in ("top_promoted", "top_suppressed"):
+        top_cols = ["top_promoted", "top_suppressed", "top_promoted_ids", "top_suppressed_ids"]  # ids: the report
+        df = df.merge(tops[["layer", "neuron", *top_cols]], on=["layer", "neuron"], how="left")
+        for c in top_cols:
             df[c] = df[c].apply(lambda v: list(v) if isinstance(v, (list, np.ndarray)) else [])
         role_frames.append(df)
 
@@ -254,7 +256,7 @@ def run_roles(
     front = ["model", "layer", "neuron", "role"]
     roles = roles[front + [c for c in roles.columns if c not in front]]
     out = run_dir / "roles.parquet"
-    _write_parquet(roles, out)
+    _write_parquet(roles, out, rid)
     written = [out]
     for frames, name in ((curve_frames, "interventions"), (attn_frames, "attention"),
                          (point_frames, "attention_points"), (hist_frames, "bos_scores")):  # fmt: skip
@@ -262,11 +264,11 @@ def run_roles(
         if frames:
             table = pd.concat(frames, ignore_index=True)
             table = table[["model"] + [c for c in table.columns if c != "model"]]
-            _write_parquet(table, path)
+            _write_parquet(table, path, rid)
             written.append(path)
         elif interventions or name == "bos_scores":
             path.unlink(missing_ok=True)  # stale: from an earlier run with other candidates or models
-    if _join_profiles(run_dir, roles):
+    if _join_profiles(run_dir, roles, rid):
         written.append(run_dir / "profiles.parquet")
     info["written"] = [p.name for p in written]
     from univ_kernels.streaming import atomic_write_bytes
