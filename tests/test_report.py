@@ -9,6 +9,7 @@ runs the real one when it exists).
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import re
 import shutil
@@ -23,7 +24,9 @@ from tests.helpers import corpus_text, save_tiny_model, tiny_tokenizer
 from univ import report as rep
 from univ.correlate import CorrelateConfig
 from univ.correlate import run as correlate
+from univ.errors import Refused, UserError
 from univ.roles import run_roles
+from univ.tables import run_id, table_run_id, write_parquet
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -117,9 +120,9 @@ def test_report_partial_run(correlated: Path, tmp_path: Path):
     run = _copy_partial(correlated, tmp_path / "partial")
     page = rep.run_report(run).read_text(encoding="utf-8")
     assert sorted(p.stem for p in (run / "figures").glob("*.png")) == [
-        "corr_by_layer", "corr_distributions", "universal_by_layer"
+        "corr_by_layer", "corr_distributions", "summary", "universal_by_layer"
     ]  # fmt: skip
-    assert page.count("<img") == 3
+    assert page.count("<img") == 4
     for command in (f"univ analyze {run}", f"univ roles {run}", "histograms.parquet"):
         assert command in page
     assert "excess_corr &gt; 0.5" in page  # universal flags computed from the neuron table, and said so
@@ -131,9 +134,9 @@ def test_report_only_neuron_table_or_nothing(correlated: Path, tmp_path: Path):
     run.mkdir()
     shutil.copy(correlated / "neurons.parquet", run / "neurons.parquet")
     page = rep.run_report(run).read_text(encoding="utf-8")
-    assert "No run.json yet" in page and page.count("<img") == 3
+    assert "No run.json yet" in page and page.count("<img") == 4
     (run / "neurons.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="univ correlate"):
+    with pytest.raises(UserError, match="univ correlate"):
         rep.run_report(run)
 
 
@@ -156,7 +159,7 @@ def test_foreign_table_costs_only_its_section(correlated: Path, tmp_path: Path):
     pd.DataFrame({"unexpected": [1.0]}).to_parquet(run / "interventions.parquet")
     with pytest.warns(UserWarning, match="Entropy neurons"):
         page = rep.run_report(run).read_text(encoding="utf-8")
-    assert "could not be drawn: KeyError" in page and page.count("<img") == 3
+    assert "could not be drawn: KeyError" in page and page.count("<img") == 4
 
 
 def test_context_html_colours_and_escapes():
@@ -173,9 +176,9 @@ def test_cli_prints_path(full_run: Path, capsys: pytest.CaptureFixture):
     rep.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(full_run), "--max-neurons", "2", "--max-examples", "1"])
     assert args.func(args) == 0
-    assert capsys.readouterr().out.strip() == str(full_run / "report.html")
+    assert capsys.readouterr().out.strip() == str((full_run / "report.html").resolve())
     page = (full_run / "report.html").read_text(encoding="utf-8")
-    assert page.count("<ol>") == 2 and "2 of 6 neurons" in page
+    assert page.count("<ol>") == 2 + 6 and "2 of 6 neurons" in page  # contexts section + one card each
 
 
 def test_report_after_real_analyze(correlated: Path, tmp_path: Path):
@@ -190,6 +193,88 @@ def test_report_after_real_analyze(correlated: Path, tmp_path: Path):
         assert (run / "figures" / f"{stem}.png").is_file(), stem
     assert "No neuron statistics" not in page and "No families" not in page and "No top_examples" not in page
     _assert_offline(page)
+
+
+def test_summary_card_and_neuron_cards(full_run: Path):
+    page = rep.run_report(full_run).read_text(encoding="utf-8")
+    profiles = pd.read_parquet(full_run / "profiles.parquet")
+    n_uni, n_all = int(profiles["is_universal"].sum()), len(profiles)
+    sections = re.findall(r'<section id="([^"]+)">', page)
+    assert sections[0] == "glance" and sections[-1] == "glossary" and "cards" in sections
+    glance = page[page.index('<section id="glance">'):page.index("</section>")]
+    assert f'data-universal="{n_uni}" data-neurons="{n_all}"' in glance
+    pct = 100 * n_uni / n_all
+    assert f"{pct:.2f} %" in glance and "the paper's 1–5 %" in glance
+    assert ("below" if pct < 1 else "within" if pct <= 5 else "above") + " the paper's" in glance
+    assert "figures/summary.png" in glance and "tokens" in glance and "1,500 tokens" in glance
+    # one card per universal neuron, and every link of the universal table lands on a card
+    uni = profiles[profiles["is_universal"]]
+    ids = {rep.anchor(m, la, n) for m, la, n in zip(uni["model"], uni["layer"], uni["neuron"], strict=True)}
+    assert set(re.findall(r'<div class="card" id="([^"]+)"', page)) == ids
+    assert set(re.findall(r'href="#(n-[^"]+)"', page)) == ids
+    card = page[page.index('<div class="card" id="'):]
+    card = card[: card.index("</div>")]
+    assert "Excess correlation" in card and "best match" in card and "percentile in its layer" in card
+    assert "Family <strong>" in card and "Role <strong>" in card and "<ol>" in card
+    for column in ("in_out_sim", "null_share", "bos_z", "excess_corr", "best_vr"):
+        assert f"<dt><code>{column}</code></dt>" in page, column
+    assert 'title="' + html.escape(rep.GLOSSARY["excess_corr"]) in page  # table headers carry their meaning
+
+
+def test_cards_explain_contexts_that_peak_on_another_token(full_run: Path, tmp_path: Path):
+    run = tmp_path / "peaks"
+    shutil.copytree(full_run, run)
+    prof = pd.read_parquet(run / "profiles.parquet")
+    prof.loc[prof["is_universal"], ["family", "best_feature", "best_vr"]] = ["unigram", "token:' zebra'", 0.62]
+    prof.to_parquet(run / "profiles.parquet", index=False)
+    page = rep.run_report(run).read_text(encoding="utf-8")
+    assert "not on its best feature" in page and "0.62" in page
+
+
+def test_empty_sections_say_what_was_looked_for(correlated: Path, tmp_path: Path):
+    run = _copy_partial(correlated, tmp_path / "none")
+    neurons = pd.read_parquet(run / "neurons.parquet")
+    neurons.assign(excess_corr=0.0).to_parquet(run / "neurons.parquet", index=False)
+    page = rep.run_report(run).read_text(encoding="utf-8")
+    assert 'data-universal="0"' in page and "none found" in page and "no card" in page
+
+
+def test_byte_tokens_are_readable_and_unseen_tokens_marked():
+    assert rep.printable("\x06a\n\ufffd") == "<0x06>a↵<?>"
+    tok = tiny_tokenizer()
+    label = rep._token_labeler(tok)
+    byte_map = rep._bytes_to_unicode()
+    cont = tok.convert_tokens_to_ids(byte_map[0x9C])  # a UTF-8 continuation byte on its own
+    ctrl = tok.convert_tokens_to_ids(byte_map[0x06])
+    assert label(cont) == "<0x9C>" and label(ctrl) == "<0x06>"
+    hello = tok("hello")["input_ids"][0]
+    text = rep._token_list([hello, ctrl], None, label, seen={hello})
+    assert text == f"{label(hello)!r} | '<0x06>'†"
+
+
+def test_corrupt_table_is_named_corrupt(correlated: Path, tmp_path: Path):
+    run = _copy_partial(correlated, tmp_path / "cut")
+    data = (run / "neurons.parquet").read_bytes()
+    (run / "neurons.parquet").write_bytes(data[: len(data) // 3])
+    page = rep.run_report(run).read_text(encoding="utf-8")
+    assert "neurons.parquet is corrupt" in page and "No neurons.parquet yet" not in page
+    (run / "run.json").unlink()
+    with pytest.raises(UserError, match="neurons.parquet is corrupt"):
+        rep.run_report(run)
+
+
+def test_tables_of_another_run_are_left_out_and_listed(full_run: Path, tmp_path: Path):
+    run = tmp_path / "mixed"
+    shutil.copytree(full_run, run)
+    rid = run_id(run)
+    assert table_run_id(run / "roles.parquet") == rid  # roles stamped what it wrote
+    write_parquet(pd.read_parquet(run / "profiles.parquet"), run / "profiles.parquet", "an-older-run")
+    page = rep.run_report(run).read_text(encoding="utf-8")
+    box = page[page.index('<div class="problems">'):]
+    assert "profiles.parquet was computed from run an-older-run" in box[: box.index("</div>")]
+    assert "profiles.parquet (univ analyze)" not in page and "From profiles.parquet" not in page
+    with pytest.raises(Refused, match="an-older-run"):
+        run_roles(run, tokens=120, top=1, n_random=0, multiples=(0.0,), device="cpu")
 
 
 # Clicks the "mean_corr" header of the per-layer correlation table twice (descending), then records the column.
@@ -219,6 +304,9 @@ def test_report_opens_in_chromium(full_run: Path, tmp_path: Path):
     assert "<section" in proc.stdout and proc.stdout.count("<img") == len(rep.FIGURES)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+    profiles = pd.read_parquet(full_run / "profiles.parquet")
+    n_uni, n_all = int(profiles["is_universal"].sum()), len(profiles)
+    assert f'data-universal="{n_uni}" data-neurons="{n_all}">{n_uni:,} of {n_all:,}</span>' in proc.stdout
     found = re.search(r'data-probe="desc:([^"]*)"', proc.stdout)
     assert found, "the sort script did not run"
     values = [float(v) for v in found.group(1).split(",")]
