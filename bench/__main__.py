@@ -10,7 +10,7 @@ from other processes on a shared machine hits all of them alike. Columns: median
 ``x floor`` = floor time / this time (the fraction of the plain BLAS/cuBLAS call reached), ``x paper`` =
 paper time / this time (the speed-up over the original scheme).
 
-Goals (DESIGN.md, Performance model), printed PASS/FAIL:
+Goals (the project's performance model), printed PASS/FAIL:
 - CPU, at the GPT2-sized shapes: the full update (``torch``) ≥ 0.9 × floor and ≥ 1.5 × the paper's scheme;
 - H100, at 36,864 × 36,864 with K ≥ 16k: the full update (``triton``, the CUDA default) ≥ 0.9 × cuBLAS bf16
   and ≥ 650 TFLOP/s.

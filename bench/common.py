@@ -225,7 +225,7 @@ def setup_update(provider: str, shape: Shape, device: torch.device | None = None
 
     elif provider == "floor":
         x_a, x_b = data[0]
-        # Centred operands: on GPU bf16 (the cuBLAS bf16 ceiling of DESIGN.md), on CPU fp32 (its BLAS's only fast path).
+        # Centred operands: on GPU bf16 (cuBLAS's bf16 ceiling), on CPU fp32 (its BLAS's only fast path).
         op_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         a = (x_a.float() - x_a.float().mean(0)).to(op_dtype)
         b = (x_b.float() - x_b.float().mean(0)).to(op_dtype)

@@ -7,7 +7,7 @@ the centred within-layer co-moment of model m:
 
     co-moment(x, ỹ) = C[:, l] Q_l          variance of rotated neuron j ∝ (Q_lᵀ W_l Q_l)_jj
 
-No second pass over the data, exact for any number of draws (DESIGN.md). Draws are seeded per
+No second pass over the data, exact for any number of draws. Draws are seeded per
 (seed, model index, layer), so every run and every pair sees the same rotations of a given model.
 """
 

@@ -3,7 +3,7 @@
 Gurnee et al. (2024) call neuron i of the reference model universal when its *excess correlation*, the mean
 over the compared models m of (max_j ρ^m_ij − max_j ρ̄^m_ij) with ρ̄ the rotated baseline, exceeds 0.5:
 
-    rule "mean"    excess_corr = mean_corr − mean_baseline > threshold        (the paper, §3 of PAPER_NOTES)
+    rule "mean"    excess_corr = mean_corr − mean_baseline > threshold        (the paper, §3)
     rule "strict"  min_corr − max_baseline > threshold                        (the repo's stricter table:
                                                                                 every seed must clear it)
 

@@ -73,7 +73,7 @@ TMA_SHAPES = [
 
 def _blocked_configs(shapes):
     # restore_value: the kernel updates C in place, so every timing trial must start from the same C
-    # (DESIGN.md: autotune corrupts it otherwise).
+    # (autotuning an in-place kernel corrupts it otherwise).
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes

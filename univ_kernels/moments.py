@@ -5,7 +5,7 @@ S1 = Σ(x − s), S2 = Σ(x − s)² over the cast operands the GEMMs saw. Then
 
     mean = s + S1/n,    M2 = Σ(x − mean)² = S2 − S1²/n,    u = S1/√n (the rank-1 correction of C).
 
-n, means and M2 are O(N) numbers, so float64 costs nothing and keeps them exact (DESIGN.md). A column is
+n, means and M2 are O(N) numbers, so float64 costs nothing and keeps them exact. A column is
 *dead* (no correlation defined) when M2 ≤ 1e-12·S2: its spread is below what fp32 operands resolve.
 """
 

@@ -9,7 +9,7 @@ For x [T, n] and a per-column shift s [n] (fp32) it produces, in one pass over x
     overflow[j]    = #{t : x finite, cast(x - s) infinite}  [n] int32 (float16 operands only)
 
 Why shift: the naive Σxy − ΣxΣy/n in fp32 loses ~1e-3 in r over 1e8 tokens; with the operands centred
-near the column mean it stays ~2e-6 (DESIGN.md). The shift is fixed for a whole stream (the first
+near the column mean it stays ~2e-6. The shift is fixed for a whole stream (the first
 batch's mean), so the co-moment update is one plain GEMM and the correction is applied once at the end.
 Non-finite values are counted here, where x is read anyway, never by an extra scan.
 """
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # 64 × 128 tiles: each program streams BLOCK_T rows of BLOCK_N columns; wide in n for coalesced loads.
-# Under the interpreter small tiles keep tests fast (DESIGN.md: tiles of 32–64).
+# Under the interpreter small tiles keep tests fast (tiles of 32–64).
 BLOCK_T, BLOCK_N = 64, 128
 BLOCK_T_INTERP, BLOCK_N_INTERP = 32, 32
 # Enough programs to fill a GPU: split T so that programs ≥ ~4 × 132 SMs even for narrow batches.

@@ -1,6 +1,6 @@
 """Roles: what a neuron does to the model's output, read from its weights and checked by intervention.
 
-Gurnee et al. (2024, §5 and PAPER_NOTES §6) name three weight-level roles. All scores use TransformerLens-style
+Gurnee et al. (2024, §5) name three weight-level roles. All scores use TransformerLens-style
 processed weights (:mod:`univ.weights`: norms folded in, w_out and W_U centred), so that directions a norm
 removes never count. One module per job, in dependency order:
 
