@@ -85,6 +85,7 @@ STAT_METRICS = [
 ]  # fmt: skip
 TOKEN_ACT_COLUMNS = ("acts", "activations", "token_acts", "token_values")  # per-token values, if a stage wrote them
 LINESTYLES = ["-", "--", ":", "-."]
+CORRELATE_TABLES = ("neurons.parquet", "histograms.parquet", "activation_stats.parquet")
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 # What every column the page shows means (table headers carry it as a tooltip; the Glossary section lists it).
@@ -308,7 +309,8 @@ class _Tables:
         elif df is not None and self.current is not None:
             stamp = table_run_id(self.run_dir / name)
             if stamp is None:
-                self.unstamped.append(name)
+                if name not in CORRELATE_TABLES:  # written with run.json itself, by univ correlate
+                    self.unstamped.append(name)
             elif stamp != self.current:
                 self.page.problems[name] = (
                     f"{name} was computed from run {stamp}, not from this folder's run {self.current} "
@@ -956,7 +958,7 @@ def _summary(page: _Page, manifest: dict | None, neurons: pd.DataFrame | None, f
                 f"<strong>{html.escape(str(model) or 'the model')}</strong> are universal "
                 f'(<span data-percent="{pct:.2f}">{pct:.2f} %</span>): {html.escape(_verdict(pct), quote=False)}.'
             )
-        headline = "<p>" + "<br>".join(lines) + f'</p><p class="note">Universal: {html.escape(source)}.</p>'
+        headline = "<p>" + "<br>".join(lines) + f'</p><p class="note">Universal flags from {html.escape(source)}.</p>'
         fig, ax = _new_figure(11, 3.2, ncols=2)
         for i, (model, g) in enumerate(per.groupby("model", sort=False)):
             dark, light = _pair_colours(i)
@@ -1061,7 +1063,7 @@ def _cards(page: _Page, flags: pd.DataFrame | None, roles: pd.DataFrame | None, 
         rd = role_rows.get(key, d)
         if rd.get("role") is not None:
             score_cols = ("vocab_kurt", "vocab_skew", "vocab_var_ratio", "null_share", "bos_z")
-            scores = ", ".join(f"{c} {_fmt(rd[c])}" for c in score_cols if rd.get(c) is not None)
+            scores = ", ".join(f"{c} {_fmt(rd[c])}" for c in score_cols if _fmt(rd.get(c)) not in ("", "None"))
             promoted = ""
             if "top_promoted" in rd:
                 label = labels(model)
@@ -1221,11 +1223,12 @@ def run_report(
         f = flags[["model", "layer", "neuron", "is_universal"]]
         st = stats_table if "model" in stats_table else stats_table.assign(model=f["model"].iloc[0] if len(f) else "")
         stats_table = st.merge(f, on=["model", "layer", "neuron"], how="left")
-    if flags is not None and neurons is not None and "max_corr" not in " ".join(map(str, flags.columns)):
+    if flags is not None and neurons is not None:
         keys = ["model", "layer", "neuron"]
         extra = [c for c in neurons.columns if c not in flags.columns]
         n = neurons if "model" in neurons else neurons.assign(model="")
-        flags = flags.merge(n[keys + extra], on=keys, how="left")  # the cards need the per-seed matches
+        if extra:
+            flags = flags.merge(n[keys + extra], on=keys, how="left")  # the cards need the per-seed matches
     raw_roles = read("roles.parquet", "univ roles")
     roles, roles_source = _roles_source(read, raw_roles, profiles)
     counts = read("token_counts.parquet", "univ analyze")
