@@ -54,3 +54,6 @@ def test_corrupt_is_not_missing(tmp_path):
     assert df is None and "is corrupt" in problem and "rerun 'univ correlate'" in problem
     with pytest.raises(UserError, match="neurons.parquet is corrupt"):
         read_table(path, made_by="univ correlate")
+    _run(tmp_path)
+    with pytest.raises(UserError, match="neurons.parquet is corrupt.*rerun 'univ correlate'"):
+        check_same_run(tmp_path, ["neurons.parquet"], stage="univ roles", fix="'univ correlate'")

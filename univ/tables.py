@@ -104,13 +104,22 @@ def try_read(path: str | Path, *, made_by: str = "") -> tuple[pd.DataFrame | Non
 def check_same_run(run_dir: str | Path, names: list[str], *, stage: str, fix: str) -> str:
     """Refuse when any of the tables ``names`` present in ``run_dir`` is stamped with another run; returns the id.
 
-    ``fix`` is the command that recomputes them from the current run (named in the message).
+    A corrupt one is a UserError that says so. ``fix`` is the command that recomputes them from the current run
+    (named in the message).
     """
+    import pyarrow.parquet as pq
+
     run_dir = Path(run_dir)
     current = run_id(run_dir)
     for name in names:
         path = run_dir / name
-        stamp = table_run_id(path) if path.is_file() else None
+        if not path.is_file():
+            continue
+        try:
+            pq.read_schema(path)
+        except Exception as e:  # cut short or not parquet: say so now, not as a traceback later
+            raise UserError(_corrupt(path, e, fix.strip("'"))) from e
+        stamp = table_run_id(path)
         if stamp is not None and stamp != current:
             raise Refused(
                 f"{path} was computed from run {stamp}, but {run_dir / 'run.json'} is run {current} "
