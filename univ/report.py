@@ -730,7 +730,8 @@ def _prediction(page: _Page, roles: pd.DataFrame | None, source: str, flags: pd.
             named = named.sort_values(["is_universal", "role"], ascending=[False, True], kind="stable")
         cols = ["model", "layer", "neuron", "role", "is_universal", "vocab_kurt", "vocab_skew", "vocab_var_ratio",
                 "null_share", "w_out_norm", "top_bos_head", "bos_z", "top_promoted", "top_suppressed"]  # fmt: skip
-        note = ' <span class="note">(† never occurs in the run\'s data)</span>' if seen is not None else ""
+        note = (' <span class="note">(† never among the kept tokens analyze counted: absent from the data, or '
+                "excluded like newlines)</span>") if seen is not None else ""
         body.append(f"<h3>Neurons with a role</h3>{note}" + page.table(named[[c for c in cols if c in named]],
                                                                         "role_neurons"))  # fmt: skip
     page.add("prediction", "Prediction, suppression and partition neurons", "".join(body))
@@ -830,9 +831,12 @@ def _attention(
         body.append(page.table(attn, "attention_path"))
     elif body and roles_info is not None:
         notes = [n for v in (roles_info.get("models") or {}).values() for n in (v.get("notes") or [])]
-        pairs = sum(len(v.get("attention_pairs") or []) for v in (roles_info.get("models") or {}).values())
-        body.append(f"<p>Path intervention: looked at {pairs} (neuron, later head) pairs; none gave a result to "
-                    "show" + (f" ({html.escape('; '.join(notes))})" if notes else "") + ".</p>")
+        infos = list((roles_info.get("models") or {}).values())
+        pairs = sum(len(v.get("attention_pairs") or []) for v in infos)
+        pools = "; ".join(sorted({str(v.get("pool")) for v in infos if v.get("pool")}))
+        body.append(f"<p>Path intervention: {pairs} (neuron, later head) pairs to test among the candidates "
+                    f"({html.escape(pools or 'none')}), so none was run; a neuron of the last layer has no later "
+                    "head." + (f" Notes: {html.escape('; '.join(notes))}." if notes else "") + "</p>")
     if not body:
         body.append(page.missing("attention scores or path interventions", f"univ roles {run_dir}"))
     else:
