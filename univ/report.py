@@ -834,9 +834,11 @@ def _attention(
         infos = list((roles_info.get("models") or {}).values())
         pairs = sum(len(v.get("attention_pairs") or []) for v in infos)
         pools = "; ".join(sorted({str(v.get("pool")) for v in infos if v.get("pool")}))
+        what = ("so none was run; a neuron of the last layer has no later head" if pairs == 0
+                else "none gave a result")  # fmt: skip
         body.append(f"<p>Path intervention: {pairs} (neuron, later head) pairs to test among the candidates "
-                    f"({html.escape(pools or 'none')}), so none was run; a neuron of the last layer has no later "
-                    "head." + (f" Notes: {html.escape('; '.join(notes))}." if notes else "") + "</p>")
+                    f"({html.escape(pools or 'none')}), {what}."
+                    + (f" Notes: {html.escape('; '.join(notes))}." if notes else "") + "</p>")
     if not body:
         body.append(page.missing("attention scores or path interventions", f"univ roles {run_dir}"))
     else:
