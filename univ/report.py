@@ -1240,6 +1240,8 @@ def run_report(
     counts = read("token_counts.parquet", "univ analyze")
     seen = {int(i) for i in counts["id"]} if counts is not None and "id" in counts else None
     roles_info = _read_json(run_dir / "roles.json")
+    if roles_info is not None and current is not None and roles_info.get("run_id") not in (None, current):
+        roles_info = None  # notes of another run's 'univ roles'; its tables are left out too
     top = read("top_examples.parquet", "univ analyze")
     label_cache: dict[str, Any] = {}
 
