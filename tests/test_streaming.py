@@ -116,7 +116,8 @@ def test_dead_neurons(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_ties_resolve_to_smallest_index(backend):
     x, _ = correlated_pair(50, 4, 4)
-    x_b = torch.cat([x[:, :1], x[:, :1], x[:, 1:2], x[:, :1] * 3 + 1], 1)  # columns 0, 1, 3 equal to x_a[:, 0]
+    # columns 0, 1, 3 equal to x_a[:, 0] bit for bit (an affine copy ties only up to fp32 rounding)
+    x_b = torch.cat([x[:, :1], x[:, :1], x[:, 1:2], x[:, :1]], 1)
     x_a = torch.cat([x[:, :1], -x[:, :1]], 1)
     s = run_stream(x_a, x_b, backend).summary()
     assert s.argmax_a[0] == 0 and s.argmin_a[1] == 0
@@ -143,7 +144,7 @@ def test_non_finite_rejected_and_state_unchanged(backend):
 
 def test_float16_overflow_is_named():
     x_a, x_b = correlated_pair(20, 4, 4)
-    x_a[5:, 1] = 1e6  # centred around the first batch's mean, this exceeds fp16's 65504
+    x_a[5::2, 1] = 1e6  # a spread of 1e6 inside one batch: centred on its mean, ±5e5 exceeds fp16's 65504
     corr = StreamingCorrelation(4, 4, backend="torch", operand_dtype=torch.float16)
     corr.update(x_a[:5], x_b[:5])
     with pytest.raises(ValueError, match="overflow the torch.float16 operand"):

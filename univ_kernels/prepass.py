@@ -9,9 +9,9 @@ For x [T, n] and a per-column shift s [n] (fp32) it produces, in one pass over x
     overflow[j]    = #{t : x finite, cast(x - s) infinite}  [n] int32 (float16 operands only)
 
 Why shift: the naive Σxy − ΣxΣy/n in fp32 loses ~1e-3 in r over 1e8 tokens; with the operands centred
-near the column mean it stays ~2e-6. The shift is fixed for a whole stream (the first
-batch's mean), so the co-moment update is one plain GEMM and the correction is applied once at the end.
-Non-finite values are counted here, where x is read anyway, never by an extra scan.
+near the column mean it stays ~2e-6 (DESIGN.md). ``ColumnMoments`` passes each batch's own mean as the
+shift (estimated by ``column_sums``, a cheaper first read about a pivot) and merges batches with Chan's
+formula (moments.py). Non-finite values are counted here, where x is read anyway, never by an extra scan.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # 64 × 128 tiles: each program streams BLOCK_T rows of BLOCK_N columns; wide in n for coalesced loads.
-# Under the interpreter small tiles keep tests fast (tiles of 32–64).
+# Under the interpreter small tiles keep tests fast (DESIGN.md: tiles of 32–64).
 BLOCK_T, BLOCK_N = 64, 128
 BLOCK_T_INTERP, BLOCK_N_INTERP = 32, 32
 # Enough programs to fill a GPU: split T so that programs ≥ ~4 × 132 SMs even for narrow batches.
@@ -115,7 +115,56 @@ if triton is not None:
         tl.store(overflow_ptr + part, n_ovf, mask=col_ok)
 
 
-def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dtype) -> Prepassed:
+if triton is not None:
+
+    @triton.jit
+    def _column_sums_kernel(
+        x_ptr,
+        pivot_ptr,
+        sum_ptr,
+        T,
+        N,
+        rows_per_split,
+        stride_xt,
+        stride_xn,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        pivot = tl.load(pivot_ptr + cols, mask=col_ok, other=0.0)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t_start = pid_s * rows_per_split
+        t_end = tl.minimum(t_start + rows_per_split, T)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            mask = (rows < t_end)[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :] * stride_xn, mask=mask, other=0.0)
+            y = x.to(tl.float32) - pivot[None, :]
+            acc += tl.sum(tl.where(mask & ((y - y) == 0.0), y, 0.0), axis=0)
+        tl.store(sum_ptr + pid_s * N + cols, acc, mask=col_ok)
+
+
+def _column_sums_triton(x: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
+    T, n = x.shape
+    interp = interpreting()
+    block_t, block_n = (BLOCK_T_INTERP, BLOCK_N_INTERP) if interp else (BLOCK_T, BLOCK_N)
+    n_col_blocks = cdiv(n, block_n)
+    splits = 1 if interp else max(1, min(cdiv(T, block_t), cdiv(TARGET_PROGRAMS, n_col_blocks)))
+    rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
+    splits = max(1, cdiv(T, rows_per_split))
+    sums = torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    _column_sums_kernel[(n_col_blocks, splits)](
+        x, pivot, sums, T, n, rows_per_split, x.stride(0), x.stride(1), BLOCK_T=block_t, BLOCK_N=block_n
+    )
+    return sums.sum(0)
+
+
+def _prepass_triton(
+    x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.dtype, out: torch.Tensor | None = None
+) -> Prepassed:
     T, n = x.shape
     if T == 0:  # nothing to read: no launch (a split of zero rows is undefined)
         return prepass_torch(x, shift, operand_dtype)
@@ -126,7 +175,8 @@ def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.d
     splits = 1 if interp else max(1, min(cdiv(T, block_t), cdiv(TARGET_PROGRAMS, n_col_blocks)))
     rows_per_split = cdiv(cdiv(T, splits), block_t) * block_t
     splits = max(1, cdiv(T, rows_per_split))
-    out = torch.empty((T, n), dtype=operand_dtype, device=x.device)
+    if out is None or out.dtype != operand_dtype:
+        out = torch.empty((T, n), dtype=operand_dtype, device=x.device)
     sums = torch.empty((splits, n), dtype=torch.float32, device=x.device)
     sumsq = torch.empty_like(sums)
     bad = torch.empty((splits, n), dtype=torch.int32, device=x.device)
@@ -154,19 +204,20 @@ def _prepass_triton(x: torch.Tensor, shift: torch.Tensor, operand_dtype: torch.d
     )
 
 
-def _prepass_cpu_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None) -> Prepassed | None:
-    """fp32 operands on CPU, block by block into ``out[:T]`` (or a new tensor); None if a sum is not finite.
+def _prepass_blocked_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None) -> Prepassed | None:
+    """fp32 operands, block by block into ``out[:T]`` (or a new tensor); None if a sum is not finite.
 
     Column sums are matrix-vector products with a ones vector (BLAS gemv): on 2 Xeon cores they take half
     the time of ``sum(0)``, a strided reduction over a row-major block (0.56 vs 1.06 ms at 2048 × 768).
     """
     T, n = x.shape
-    y = out[:T] if out is not None else torch.empty((T, n), dtype=torch.float32)  # [T, n] fp32, contiguous
+    dev = x.device
+    y = out[:T] if out is not None else torch.empty((T, n), dtype=torch.float32, device=dev)  # [T, n] contiguous
     rows = min(ROWS_PER_BLOCK_CPU, T)
-    ones = torch.ones(rows)
-    col_sum = torch.zeros(n)
-    col_sumsq = torch.zeros(n)
-    sq = torch.empty((rows, n))  # y² of one block, reused
+    ones = torch.ones(rows, device=dev)
+    col_sum = torch.zeros(n, device=dev)
+    col_sumsq = torch.zeros(n, device=dev)
+    sq = torch.empty((rows, n), device=dev)  # y² of one block, reused
     for r0 in range(0, T, ROWS_PER_BLOCK_CPU):
         blk = y[r0 : r0 + ROWS_PER_BLOCK_CPU]  # [rows, n]
         k = blk.shape[0]
@@ -175,8 +226,33 @@ def _prepass_cpu_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | 
         col_sumsq.addmv_(torch.mul(blk, blk, out=sq[:k]).t(), ones[:k])
     if not bool(torch.isfinite(col_sum).all() and torch.isfinite(col_sumsq).all()):  # sync
         return None  # the exact per-column counts below
-    zeros = torch.zeros(n, dtype=torch.int32)
+    zeros = torch.zeros(n, dtype=torch.int32, device=dev)
     return Prepassed(y, shift, col_sum, col_sumsq, zeros, zeros)
+
+
+def column_sums(x: torch.Tensor, pivot: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """[n] fp32 Σ_t (x[t] − pivot) over the finite values of ``x`` [T, n]: a first, read-only pass.
+
+    ``ColumnMoments`` uses it to find each batch's mean before the pre-pass centres on it. Summing about a
+    pivot near the mean (the previous batch's shift) keeps the fp32 sum accurate when |mean| ≫ std.
+    Non-finite entries count as 0 on the triton backend; on the torch backend they make that column's sum
+    non-finite (the caller falls back to the pivot; the pre-pass then counts and reports them).
+    """
+    T, n = x.shape
+    pivot = pivot.to(device=x.device, dtype=torch.float32).contiguous()
+    if T == 0:
+        return torch.zeros(n, device=x.device)
+    if resolve_backend(backend, x.device) == "triton":
+        return _column_sums_triton(x, pivot)
+    rows = min(ROWS_PER_BLOCK_CPU, T)
+    ones = torch.ones(rows, device=x.device)
+    total = torch.zeros(n, device=x.device)
+    scratch = torch.empty((rows, n), device=x.device)
+    for r0 in range(0, T, ROWS_PER_BLOCK_CPU):
+        k = min(ROWS_PER_BLOCK_CPU, T - r0)
+        torch.sub(x[r0 : r0 + k], pivot, out=scratch[:k])
+        total.addmv_(scratch[:k].t(), ones[:k])
+    return total
 
 
 def prepass_torch(
@@ -184,11 +260,11 @@ def prepass_torch(
 ) -> Prepassed:
     """The pre-pass in plain PyTorch: the CPU backend and the reference the Triton kernel is tested against.
 
-    ``out``: an optional contiguous [≥ T, n] fp32 CPU buffer for the operand (fp32 operands on CPU only), so
-    a caller streaming many batches (``ColumnMoments``) does not pay for a fresh tensor every batch.
+    ``out``: an optional contiguous [≥ T, n] fp32 buffer for the operand (fp32 operands only), so a caller
+    streaming many batches (``ColumnMoments``) does not pay for a fresh tensor every batch.
     """
-    if x.device.type == "cpu" and operand_dtype == torch.float32:
-        p = _prepass_cpu_fp32(x, shift, out)
+    if operand_dtype == torch.float32:
+        p = _prepass_blocked_fp32(x, shift, out)
         if p is not None:
             return p
     y = x.float() - shift  # [T, n] fp32 (a fresh tensor: x is never modified)
@@ -226,6 +302,9 @@ def prepass(
         ([[-1.0, 0.0], [1.0, 0.0]], [0.0, 0.0], [2.0, 0.0])
     """
     shift = shift.to(device=x.device, dtype=torch.float32).contiguous()
+    if out is not None:
+        if out.dtype != operand_dtype or out.device != x.device or out.shape != x.shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {operand_dtype} {tuple(x.shape)} tensor on {x.device}")
     if resolve_backend(backend, x.device) == "triton":
-        return _prepass_triton(x, shift, operand_dtype)
+        return _prepass_triton(x, shift, operand_dtype, out)
     return prepass_torch(x, shift, operand_dtype, out=out)

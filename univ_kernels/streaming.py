@@ -1,7 +1,8 @@
 """``StreamingCorrelation``: exact Pearson r between every neuron of A and every neuron of B over a stream.
 
-State: the two sides' ``ColumnMoments`` and C [n_a, n_b] fp32 = Σ (x_a − s_a)(x_b − s_b)ᵀ. Memory is C
-plus one batch; nothing of size [tokens × neurons] is kept. The mathematics live in the functional ops
+State: the two sides' ``ColumnMoments`` and C [n_a, n_b] fp32 = Σ (x_a − mean_a)(x_b − mean_b)ᵀ, kept
+centred batch by batch (per-batch centring, Chan's merge: moments.py). Memory is C plus one batch; nothing
+of size [tokens × neurons] is kept. The mathematics live in the functional ops
 (``prepass``, ``comoment_update``, ``correlation_summary``); this class holds state and lifecycle.
 
     corr = StreamingCorrelation(n_a, n_b)
@@ -14,20 +15,21 @@ plus one batch; nothing of size [tokens × neurons] is kept. The mathematics liv
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 
 from univ_kernels._launch import BACKENDS, FLOAT_DTYPES, check_activations
-from univ_kernels.comoment import comoment_update
 from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary
-from univ_kernels.moments import ColumnMoments
+from univ_kernels.moments import ColumnMoments, update_pair
 
 FORMAT = "univ_kernels.StreamingCorrelation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: centred C and (mean, m2, sumsq) per side; 1 held shifted sums
 
 
 def default_operand_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
@@ -93,7 +95,8 @@ class StreamingCorrelation:
     def update(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
         """Add one batch: ``x_a`` [T, n_a] and ``x_b`` [T, n_b], same T and device, any strides.
 
-        All or nothing: on a bad batch (shape, dtype, device, NaN/Inf) it raises and the state is unchanged.
+        All or nothing: on a bad batch (shape, dtype, device, NaN/Inf, values too large for the fp32
+        accumulators) it raises and the state is unchanged.
         """
         check_activations(x_a, "x_a", self.n_a)
         check_activations(x_b, "x_b", self.n_b)
@@ -107,7 +110,7 @@ class StreamingCorrelation:
             self.operand_dtype = default_operand_dtype(self.device, x_a.dtype)
         p_a = self._a.prepare(x_a, operand_dtype=self.operand_dtype, backend=self.backend)
         p_b = self._b.prepare(x_b, operand_dtype=self.operand_dtype, backend=self.backend)
-        comoment_update(self._c, p_a.operand, p_b.operand, backend=self.backend, gemm=self.gemm)
+        update_pair(self._c, p_a, p_b, backend=self.backend, gemm=self.gemm)
         self._a.commit(p_a)
         self._b.commit(p_b)
 
@@ -155,14 +158,16 @@ class StreamingCorrelation:
         return correlation_summary(*self._finalize_args(), bins=bins, backend=self.backend)
 
     def centred_comoment(self) -> torch.Tensor:
-        """C − u_a u_bᵀ = Σ(x_a − mean_a)(x_b − mean_b)ᵀ, fp32 [n_a, n_b] (a new tensor)."""
-        c, u_a, u_b, _, _ = self._finalize_args()
-        return c - u_a[:, None] * u_b[None, :]
+        """Σ(x_a − mean_a)(x_b − mean_b)ᵀ, fp32 [n_a, n_b] (a copy of C, which is kept centred)."""
+        if self._c is None:
+            self._allocate(self.device)
+        return self._c.clone()
 
     # -- merge ------------------------------------------------------------------------------------
     def merge(self, other: StreamingCorrelation) -> StreamingCorrelation:
         """Fold another shard of the stream into this one (Chan et al.'s pairwise update); returns self.
 
+        C = C₁ + C₂ + (n₁n₂/n)·d_a d_bᵀ with d the difference of the shards' means: one rank-1 pass over C.
         Exact up to fp32 rounding: one batch, many batches and merged shards agree to ~1e-6 in r.
         """
         if not isinstance(other, StreamingCorrelation):
@@ -173,32 +178,36 @@ class StreamingCorrelation:
             return self
         if self._c is None:
             self._allocate(other.device)
-        oa, ob = other._a, other._b
-        n1, n2 = self.n, other.n
-        n, s1_a, s2_a = self._a.merged(oa)
-        _, s1_b, s2_b = self._b.merged(ob)
+        if self.operand_dtype is None:
+            self.operand_dtype = other.operand_dtype
         c = self._c
-        c -= self._a.offset()[:, None] * self._b.offset()[None, :]  # own centred co-moment
-        c += other.centred_comoment().to(c.device)
-        if n1:
-            d_a = (oa.mean.to(c.device) - self._a.mean).float()
-            d_b = (ob.mean.to(c.device) - self._b.mean).float()
-            c.addr_(d_a, d_b, alpha=n1 * n2 / n)
-        shift_a = self._a.shift if self._a.shift is not None else oa.shift.to(c.device)
-        shift_b = self._b.shift if self._b.shift is not None else ob.shift.to(c.device)
-        for side, s1, s2, shift in ((self._a, s1_a, s2_a, shift_a), (self._b, s1_b, s2_b, shift_b)):
-            side.n, side.s1, side.s2, side.shift = n, s1, s2, shift
-        c.addr_(self._a.offset(), self._b.offset())  # back to C around this shard's shift
+        n1, n2 = self.n, other.n
+        if n1 == 0:
+            c.copy_(other._c)
+        else:
+            root_w = math.sqrt(n1 * n2 / (n1 + n2))
+            d_a = ((other._a.mean.to(c.device) - self._a.mean) * root_w).float()
+            d_b = ((other._b.mean.to(c.device) - self._b.mean) * root_w).float()
+            c += other._c.to(c.device)
+            c.addr_(d_a, d_b)
+        self._a.merge(other._a)
+        self._b.merge(other._b)
         return self
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain tensors: ``n``, ``c``, and per side ``shift``, ``sum``, ``sumsq``."""
+        """Plain tensors: ``n``, ``c`` (centred), and per side ``shift``, ``mean``, ``m2``, ``sumsq``."""
         a, b = self._side("a"), self._side("b")
         return {"n": torch.tensor(self.n, dtype=torch.int64), "c": self._c, **a.state_dict("a"), **b.state_dict("b")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = {"n", "c", "a.shift", "a.sum", "a.sumsq", "b.shift", "b.sum", "b.sumsq"} - set(state)
+        if "a.sum" in state and "a.mean" not in state:
+            raise ValueError(
+                "state holds shifted sums from univ_kernels format 1, whose C is not centred; it cannot be "
+                "continued by this version: recompute it"
+            )
+        keys = {"n", "c"} | {f"{side}.{k}" for side in "ab" for k in ("shift", "mean", "m2", "sumsq")}
+        missing = keys - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}: not a StreamingCorrelation state")
         c = state["c"]
@@ -227,14 +236,11 @@ class StreamingCorrelation:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path``.safetensors (tensors) and ``path``.json (metadata), each atomically; no pickle."""
+        """Write ``path``.safetensors (tensors and metadata) and ``path``.json (a readable copy of the
+        metadata), each atomically; no pickle. Tensors go to disk one by one: no whole-file bytes in RAM."""
         path = Path(path).with_suffix("")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = self.metadata()
-        atomic_write_bytes(
-            path.with_suffix(".safetensors"),
-            safetensors.torch.save(tensors, metadata={"univ_kernels": json.dumps(meta)}),
-        )
+        write_safetensors(path.with_suffix(".safetensors"), self.state_dict(), {"univ_kernels": json.dumps(meta)})
         atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
         return path.with_suffix(".safetensors")
 
@@ -251,6 +257,11 @@ class StreamingCorrelation:
             meta = json.loads((f.metadata() or {}).get("univ_kernels", "{}"))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{st_path} is not a {FORMAT} file (metadata: {meta or 'none'})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{st_path} was written in {FORMAT} format version {meta.get('format_version')}; this version "
+                f"reads {FORMAT_VERSION} (format 1 held shifted, uncentred co-moments): recompute it"
+            )
         op = getattr(torch, meta["operand_dtype"]) if meta.get("operand_dtype") else None
         obj = cls(
             meta["n_a"],
@@ -264,7 +275,43 @@ class StreamingCorrelation:
         return obj
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}  # fmt: skip
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written tensor by tensor into a temporary file, fsynced, then renamed into place.
+
+    Peak extra memory is one tensor's host copy (none for contiguous CPU tensors), never the whole file.
+    """
+    path = Path(path)
+    items = sorted(tensors.items())
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+
+    def write(f) -> None:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, t in items:
+            host = t.detach().contiguous().cpu()
+            if host.numel():
+                f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))  # no copy of the data
+
+    _atomic_write(path, write)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically (see ``_atomic_write``)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _atomic_write(path: Path, write) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename: a crash leaves the old file or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +321,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
