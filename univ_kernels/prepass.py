@@ -29,9 +29,10 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # 64 × 128 tiles: each program streams BLOCK_T rows of BLOCK_N columns; wide in n for coalesced loads.
-# Under the interpreter small tiles keep tests fast (DESIGN.md: tiles of 32–64).
+# Under the interpreter narrow tiles keep tests fast (DESIGN.md: tiles of 32–64); 128 rows per step, since
+# each interpreted step costs ~10 ms of numpy overhead whatever its size.
 BLOCK_T, BLOCK_N = 64, 128
-BLOCK_T_INTERP, BLOCK_N_INTERP = 32, 32
+BLOCK_T_INTERP, BLOCK_N_INTERP = 128, 32
 # Enough programs to fill a GPU: split T so that programs ≥ ~4 × 132 SMs even for narrow batches.
 TARGET_PROGRAMS = 528
 # CPU, fp32 operands: y = x − s is written and summed 512 rows at a time, so y² never exists whole. At
