@@ -19,7 +19,7 @@ import torch
 from univ.data import DataError
 from univ.run.config import CorrelateConfig
 from univ.run.state import RunState
-from univ_kernels import comoment_update
+from univ_kernels import update_pair
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -101,17 +101,16 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
     prepped = [mom.prepare(x.to(state.device), operand_dtype=operand_dtype, backend=cfg.backend)
                for mom, x in zip(state.moments, acts, strict=True)]
-    for b, c in state.blocks.items():
+    for b, c in state.blocks.items():  # C += centred GEMM + Chan's merge term (univ_kernels.update_pair)
         d = state.plan.d_mlp[b.a]
-        comoment_update(c, prepped[b.a].operand[:, b.layer_start * d: b.layer_end * d], prepped[b.m].operand,
-                        backend=cfg.backend, gemm=cfg.gemm)
+        update_pair(c, prepped[b.a], prepped[b.m], rows=slice(b.layer_start * d, b.layer_end * d),
+                    backend=cfg.backend, gemm=cfg.gemm)
     if state.collect_within:
         for i, w in state.within.items():
             d = state.plan.d_mlp[i]
-            op = prepped[i].operand
             for layer in range(w.shape[0]):
-                sl = op[:, layer * d: (layer + 1) * d]
-                comoment_update(w[layer], sl, sl, backend=cfg.backend, gemm=cfg.gemm)
+                sl = slice(layer * d, (layer + 1) * d)
+                update_pair(w[layer], prepped[i], prepped[i], rows=sl, cols=sl, backend=cfg.backend, gemm=cfg.gemm)
     for mom, p in zip(state.moments, prepped, strict=True):
         mom.commit(p)
     for i, (pre, post) in pres.items():  # after the kernels' checks: a rejected batch changes nothing
