@@ -293,8 +293,8 @@ def update_pair(
         ...     p = m.prepare(x, operand_dtype=torch.float32, backend="torch")
         ...     update_pair(c, p, p, backend="torch")
         ...     m.commit(p)
-        >>> c.tolist()  # Σ(x − mean)(x − mean)ᵀ over all three rows
-        [[8.0, 4.0], [4.0, 2.6666665077209473]]
+        >>> [[round(v, 4) for v in row] for row in c.tolist()]  # Σ(x − mean)(x − mean)ᵀ over all three rows
+        [[8.0, 4.0], [4.0, 2.6667]]
     """
     if p_a.n_prev != p_b.n_prev or p_a.n_tokens != p_b.n_tokens:
         raise ValueError(
