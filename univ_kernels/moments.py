@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from univ_kernels._launch import check_activations
-from univ_kernels.comoment import comoment_update
+from univ_kernels.comoment import comoment_update, comoment_update_symmetric
 from univ_kernels.prepass import Prepassed, column_sums, prepass
 
 DEAD_RTOL = 1e-12
@@ -116,13 +116,13 @@ class ColumnMoments:
             pivot = self.shift
         else:  # first batch: its first row (finite entries) is as good a pivot as any
             pivot = torch.nan_to_num(x[0].float(), nan=0.0, posinf=0.0, neginf=0.0)
-        total = column_sums(x, pivot, backend=backend)
-        shift = (pivot.double() + total.double() / t).float()
-        shift = torch.where(torch.isfinite(shift), shift, pivot)  # a bad column: the pre-pass names it
-
         rtol = RECENTRE_RTOL[operand_dtype]
         fused = operand_dtype == torch.float32
         buf = self._operand_buffer(t) if fused else None
+        total = column_sums(x, pivot, backend=backend, scratch=buf)  # buf is overwritten by the pre-pass next
+        shift = (pivot.double() + total.double() / t).float()
+        shift = torch.where(torch.isfinite(shift), shift, pivot)  # a bad column: the pre-pass names it
+
         for attempt in range(MAX_RECENTRE + 1):
             p = prepass(x, shift, operand_dtype=operand_dtype, backend=backend, out=buf[:t] if fused else None)
             g = p.col_sum.double() / t  # operand column mean: how far the shift missed μ_b
@@ -279,12 +279,15 @@ def update_pair(
     *,
     backend: str = "auto",
     gemm: str | None = None,
+    symmetric: bool = False,
 ) -> None:
     """C += Y_a[:, rows]ᵀ Y_b[:, cols] + v_a[rows] v_b[cols]ᵀ in place: one batch of Chan's merge for a pair.
 
     C [n_rows, n_cols] fp32 is the centred co-moment of those columns of the two sides (a block, or a
     within-layer W_l with p_a is p_b). fp32 operands: one GEMM over the T + 1 rows of the augmented
     operands; 16-bit: the GEMM, then an fp32 rank-1 ``addr``. Call before either side's ``commit``.
+    ``symmetric=True`` (p_a is p_b, rows == cols): only C's upper triangle is updated, with about half
+    the FLOPs (``comoment_update_symmetric``); read C through ``symmetrize_upper``.
 
     Example:
         >>> m = ColumnMoments(2)
@@ -304,6 +307,15 @@ def update_pair(
     rows = rows if rows is not None else slice(None)
     cols = cols if cols is not None else slice(None)
     if p_a.n_tokens == 0:
+        return
+    if symmetric:
+        if p_a is not p_b or rows != cols:
+            raise ValueError("symmetric=True updates a within-side co-moment: pass the same batch twice, rows == cols")
+        fused = p_a.augmented is not None and p_a.n_prev
+        x = (p_a.augmented if fused else p_a.centred)[:, rows]
+        comoment_update_symmetric(c, x, backend=backend, gemm=gemm)
+        if p_a.n_prev and not fused:
+            c.addr_(p_a.correction[rows], p_a.correction[rows])
         return
     if p_a.n_prev == 0:  # first batch: no merge term
         comoment_update(c, p_a.centred[:, rows], p_b.centred[:, cols], backend=backend, gemm=gemm)

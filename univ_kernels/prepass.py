@@ -231,13 +231,17 @@ def _prepass_blocked_fp32(x: torch.Tensor, shift: torch.Tensor, out: torch.Tenso
     return Prepassed(y, shift, col_sum, col_sumsq, zeros, zeros)
 
 
-def column_sums(x: torch.Tensor, pivot: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def column_sums(
+    x: torch.Tensor, pivot: torch.Tensor, *, backend: str = "auto", scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """[n] fp32 Σ_t (x[t] − pivot) over the finite values of ``x`` [T, n]: a first, read-only pass.
 
     ``ColumnMoments`` uses it to find each batch's mean before the pre-pass centres on it. Summing about a
     pivot near the mean (the previous batch's shift) keeps the fp32 sum accurate when |mean| ≫ std.
     Non-finite entries count as 0 on the triton backend; on the torch backend they make that column's sum
     non-finite (the caller falls back to the pivot; the pre-pass then counts and reports them).
+    ``scratch``: an optional contiguous fp32 [≥ min(T, 512), n] buffer for the torch backend (e.g. the
+    operand buffer the pre-pass overwrites next), saving a fresh allocation per batch.
     """
     T, n = x.shape
     pivot = pivot.to(device=x.device, dtype=torch.float32).contiguous()
@@ -248,7 +252,8 @@ def column_sums(x: torch.Tensor, pivot: torch.Tensor, *, backend: str = "auto") 
     rows = min(ROWS_PER_BLOCK_CPU, T)
     ones = torch.ones(rows, device=x.device)
     total = torch.zeros(n, device=x.device)
-    scratch = torch.empty((rows, n), device=x.device)
+    if scratch is None or scratch.shape[0] < rows or scratch.shape[1] != n or scratch.dtype != torch.float32:
+        scratch = torch.empty((rows, n), device=x.device)
     for r0 in range(0, T, ROWS_PER_BLOCK_CPU):
         k = min(ROWS_PER_BLOCK_CPU, T - r0)
         torch.sub(x[r0 : r0 + k], pivot, out=scratch[:k])
