@@ -190,3 +190,8 @@ def test_saved_file_is_plain_safetensors(tmp_path):
     assert set(on_disk) == set(corr.state_dict())
     for k, v in corr.state_dict().items():
         assert torch.equal(on_disk[k], v.cpu()), k
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1  # the last byte belongs to the last tensor in the file
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        StreamingCorrelation.load(tmp_path / "s")

@@ -12,7 +12,7 @@ from univ_kernels.comoment import comoment_update, comoment_update_torch
 from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary, summary_torch
 from univ_kernels.moments import ColumnMoments, PreparedBatch, update_pair
 from univ_kernels.prepass import Prepassed, column_sums, prepass, prepass_torch
-from univ_kernels.streaming import StreamingCorrelation, atomic_write_bytes, default_operand_dtype, write_safetensors
+from univ_kernels.streaming import StreamingCorrelation, atomic_write_bytes, default_operand_dtype
 
 __all__ = [
     "ColumnMoments",
@@ -33,5 +33,4 @@ __all__ = [
     "resolve_backend",
     "summary_torch",
     "update_pair",
-    "write_safetensors",
 ]

@@ -9,7 +9,7 @@ of size [tokens × neurons] is kept. The mathematics live in the functional ops
     for x_a, x_b in batches:          # [T, n_a], [T, n_b]
         corr.update(x_a, x_b)
     corr.merge(shard)                 # Chan's formula: shards combine exactly
-    corr.save("run/state")            # run/state.safetensors + run/state.json
+    corr.save("run/state")            # run/state.safetensors (checksummed, univ_kernels.io) + run/state.json
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 
 from univ_kernels._launch import BACKENDS, FLOAT_DTYPES, check_activations
 from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary
+from univ_kernels.io import StateFileError, atomic_write_bytes, read_meta, read_tensors, write_tensors
 from univ_kernels.moments import ColumnMoments, update_pair
+
+__all__ = ["StreamingCorrelation", "atomic_write_bytes", "default_operand_dtype"]  # atomic_write_bytes: io's
 
 FORMAT = "univ_kernels.StreamingCorrelation"
 FORMAT_VERSION = 2  # 2: centred C and (mean, m2, sumsq) per side; 1 held shifted sums
@@ -236,11 +237,12 @@ class StreamingCorrelation:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path``.safetensors (tensors and metadata) and ``path``.json (a readable copy of the
-        metadata), each atomically; no pickle. Tensors go to disk one by one: no whole-file bytes in RAM."""
+        """Write ``path``.safetensors (tensors, metadata, a sha256 per tensor; ``univ_kernels.io``) and
+        ``path``.json (a readable copy of the metadata), each atomically; no pickle. Tensors go to disk one
+        by one: no whole-file bytes object in RAM."""
         path = Path(path).with_suffix("")
         meta = self.metadata()
-        write_safetensors(path.with_suffix(".safetensors"), self.state_dict(), {"univ_kernels": json.dumps(meta)})
+        write_tensors(path.with_suffix(".safetensors"), self.state_dict(), meta)
         atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
         return path.with_suffix(".safetensors")
 
@@ -248,19 +250,24 @@ class StreamingCorrelation:
     def load(
         cls, path: str | os.PathLike, *, device: torch.device | str | None = None, **kwargs
     ) -> StreamingCorrelation:
-        """Rebuild an accumulator written by ``save``; ``kwargs`` override backend/gemm."""
+        """Rebuild an accumulator written by ``save``, checking every tensor's name, dtype, shape and
+        checksum (``univ_kernels.io.StateFileError`` names the file and tensor); ``kwargs`` override
+        backend/gemm."""
         path = Path(path).with_suffix("")
         st_path = path.with_suffix(".safetensors")
         if not st_path.exists():
             raise FileNotFoundError(f"no saved correlation at {st_path}")
-        with safetensors.safe_open(st_path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("univ_kernels", "{}"))
+        try:
+            meta, _ = read_meta(st_path)
+        except StateFileError:
+            _raise_if_older_format(st_path)
+            raise
         if meta.get("format") != FORMAT:
             raise ValueError(f"{st_path} is not a {FORMAT} file (metadata: {meta or 'none'})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{st_path} was written in {FORMAT} format version {meta.get('format_version')}; this version "
-                f"reads {FORMAT_VERSION} (format 1 held shifted, uncentred co-moments): recompute it"
+                f"reads {FORMAT_VERSION}: recompute it"
             )
         op = getattr(torch, meta["operand_dtype"]) if meta.get("operand_dtype") else None
         obj = cls(
@@ -270,61 +277,24 @@ class StreamingCorrelation:
             operand_dtype=op,
             gemm=kwargs.get("gemm", meta["gemm"]),
         )
-        state = safetensors.torch.load_file(st_path, device=str(device) if device is not None else "cpu")
+        layout = cls(meta["n_a"], meta["n_b"], device="meta").state_dict()
+        expected = {k: (v.dtype, tuple(v.shape)) for k, v in layout.items()}
+        state, _ = read_tensors(st_path, expected, device=str(device) if device is not None else "cpu")
+        if int(state["n"]) != meta.get("n"):
+            raise ValueError(f"{st_path}: its metadata says n = {meta.get('n')} but the state holds {int(state['n'])}")
         obj.load_state_dict(state)
         return obj
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}  # fmt: skip
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written tensor by tensor into a temporary file, fsynced, then renamed into place.
-
-    Peak extra memory is one tensor's host copy (none for contiguous CPU tensors), never the whole file.
-    """
-    path = Path(path)
-    items = sorted(tensors.items())
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-
-    def write(f) -> None:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for _, t in items:
-            host = t.detach().contiguous().cpu()
-            if host.numel():
-                f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))  # no copy of the data
-
-    _atomic_write(path, write)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically (see ``_atomic_write``)."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: a crash leaves the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _raise_if_older_format(st_path: Path) -> None:
+    """A plain safetensors file from format 1 (before univ_kernels.io): say so, rather than 'corrupt'."""
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with safetensors.safe_open(st_path, framework="pt") as f:
+            old = json.loads((f.metadata() or {}).get("univ_kernels", "{}"))
+    except Exception:  # noqa: BLE001 - not even plain safetensors: the caller's error stands
+        return
+    if old.get("format") == FORMAT:
+        raise ValueError(
+            f"{st_path} was written in {FORMAT} format version {old.get('format_version')} (shifted, uncentred "
+            f"co-moments); this version reads {FORMAT_VERSION}: recompute it"
+        )
