@@ -9,7 +9,7 @@ For x [T, n] and a per-column shift s [n] (fp32) it produces, in one pass over x
     overflow[j]    = #{t : x finite, cast(x - s) infinite}  [n] int32 (float16 operands only)
 
 Why shift: the naive Σxy − ΣxΣy/n in fp32 loses ~1e-3 in r over 1e8 tokens; with the operands centred
-near the column mean it stays ~2e-6 (DESIGN.md). ``ColumnMoments`` passes each batch's own mean as the
+near the column mean it stays ~2e-6. ``ColumnMoments`` passes each batch's own mean as the
 shift (estimated by ``column_sums``, a cheaper first read about a pivot) and merges batches with Chan's
 formula (moments.py). Non-finite values are counted here, where x is read anyway, never by an extra scan.
 """
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # 64 × 128 tiles: each program streams BLOCK_T rows of BLOCK_N columns; wide in n for coalesced loads.
-# Under the interpreter narrow tiles keep tests fast (DESIGN.md: tiles of 32–64); 128 rows per step, since
+# Under the interpreter narrow tiles keep tests fast (tiles of 32–64); 128 rows per step, since
 # each interpreted step costs ~10 ms of numpy overhead whatever its size.
 BLOCK_T, BLOCK_N = 64, 128
 BLOCK_T_INTERP, BLOCK_N_INTERP = 128, 32
