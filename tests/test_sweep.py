@@ -130,6 +130,31 @@ def test_sweep_reuses_finished_runs_and_cli(swept, ckpts, capsys):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "sweep.parquet"), table)
 
 
+def test_sweep_resumes_a_step_stopped_midway(swept, ckpts, tmp_path, monkeypatch):
+    from univ.run import stream
+
+    _, table, _ = swept
+    base = _cfg(["-", "-"], ckpts.data, tmp_path / "s", checkpoint_every=300)
+    seeds = [str(s) for s in ckpts.seeds]
+    real, calls = stream.process_batch, {"n": 0}
+
+    def crashing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the first checkpoint
+            raise RuntimeError("simulated crash")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stream, "process_batch", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sweep.run_sweep(seeds, [STEPS[1]], base, **QUIET)
+    monkeypatch.setattr(stream, "process_batch", real)
+    lines: list[str] = []
+    again = sweep.run_sweep(seeds, [STEPS[1]], base, progress=False, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    expected = table[table["revision"] == STEPS[1]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again.drop(columns="run"), expected.drop(columns="run"), atol=1e-6, rtol=0)
+
+
 def test_zoo_folder_expands_to_seeds_and_common_checkpoints(tmp_path):
     for s in (0, 1):
         seed = save_tiny_model(tmp_path, "gpt2", seed=s, name=f"seed-{s}")

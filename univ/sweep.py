@@ -12,8 +12,8 @@ layer and write:
     OUT/sweep.png                  universal fraction against step: one line per layer and the whole model
     OUT/sweep.json                 models, revisions, threshold, rule, the runs
 
-A finished run folder whose ``run.json`` lists the same models is reused, so a sweep stopped between steps
-picks up where it was.
+A finished run folder whose ``run.json`` lists the same models is reused and an unfinished one (its checkpoint)
+is resumed, so a stopped sweep picks up where it was.
 
     univ zoo train --out runs/ckpt --seeds 0 1 2 --save-every 500
     univ sweep runs/ckpt --data heldout.txt --tokens 50000 --ctx 128 --out runs/sweep
@@ -187,6 +187,7 @@ def run_sweep(
     ``out`` is the sweep's folder. One zoo folder as ``models`` expands to its seeds and checkpoints.
     """
     from univ import correlate
+    from univ.run import checkpoint as run_checkpoint
 
     models, revisions = _expand_zoo(models, revisions)
     if len(models) < 2:
@@ -200,8 +201,11 @@ def run_sweep(
         if _finished(run_dir, names):
             log(f"[{i + 1}/{len(revisions)}] {revision}: reusing the finished run in {run_dir}")
         else:
-            log(f"[{i + 1}/{len(revisions)}] {revision}: correlating {', '.join(names)}")
-            correlate.run(replace(base, models=names, out=str(run_dir)), progress=progress, log=log)
+            # a step stopped midway (Ctrl-C, a crash) left a checkpoint: finish it with the same numbers
+            resume = run_checkpoint.exists(run_dir) and not (run_dir / "run.json").exists()
+            doing = "resuming" if resume else "correlating"
+            log(f"[{i + 1}/{len(revisions)}] {revision}: {doing} {', '.join(names)}")
+            correlate.run(replace(base, models=names, out=str(run_dir)), resume=resume, progress=progress, log=log)
         runs.append((revision, run_dir))
     table = sweep_table(runs, threshold=threshold, rule=rule)
     table.to_parquet(out / TABLE, index=False)
