@@ -73,10 +73,10 @@ def table_run_id(path: str | Path) -> str | None:
     return value.decode() if value is not None else None
 
 
-def _corrupt(path: Path, err: Exception, made_by: str) -> str:
+def _corrupt(path: Path, err: Exception, rerun: str) -> str:
+    """One line naming a corrupt table; ``rerun`` is the command to recompute it, quoted as it should read."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"{path} is corrupt (cut short, or not a parquet file: {reason[:160]}); "
-            f"delete it and rerun '{made_by}'")  # fmt: skip
+    return f"{path} is corrupt (cut short, or not a parquet file: {reason[:160]}); delete it and rerun {rerun}"
 
 
 def read_table(path: str | Path, *, made_by: str) -> pd.DataFrame:
@@ -87,7 +87,7 @@ def read_table(path: str | Path, *, made_by: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated or foreign bytes
-        raise UserError(_corrupt(path, e, made_by)) from e
+        raise UserError(_corrupt(path, e, f"'{made_by}'")) from e
 
 
 def try_read(path: str | Path, *, made_by: str = "") -> tuple[pd.DataFrame | None, str | None]:
@@ -98,7 +98,7 @@ def try_read(path: str | Path, *, made_by: str = "") -> tuple[pd.DataFrame | Non
     try:
         return pd.read_parquet(path), None
     except Exception as e:
-        return None, _corrupt(path, e, made_by or "the stage that wrote it")
+        return None, _corrupt(path, e, f"'{made_by}'" if made_by else "the stage that wrote it")
 
 
 def check_same_run(run_dir: str | Path, names: list[str], *, stage: str, fix: str) -> str:
@@ -118,7 +118,7 @@ def check_same_run(run_dir: str | Path, names: list[str], *, stage: str, fix: st
         try:
             pq.read_schema(path)
         except Exception as e:  # cut short or not parquet: say so now, not as a traceback later
-            raise UserError(_corrupt(path, e, fix.strip("'"))) from e
+            raise UserError(_corrupt(path, e, fix)) from e
         stamp = table_run_id(path)
         if stamp is not None and stamp != current:
             raise Refused(
