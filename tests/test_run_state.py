@@ -1,6 +1,6 @@
 """What survives what: crashes after every write, signals, corrupt checkpoints, changed inputs, a second writer.
 
-A tiny two-pass run (two GPT-2 seeds, 300 tokens, one layer per pass, a checkpoint every 150 tokens) is the
+A tiny two-pass run (two GPT-2 seeds, 200 tokens, one layer per pass, a checkpoint every 100 tokens) is the
 subject; every resumed or retried run must give tables identical to the uninterrupted one, or be refused.
 """
 
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 
 def cfg(models, data, out, **kw):
-    base = dict(tokens=300, ctx=32, batch_size=4, device="cpu", memory_budget_gb=40e-6, checkpoint_every=150)
+    base = dict(tokens=200, ctx=32, batch_size=4, device="cpu", memory_budget_gb=40e-6, checkpoint_every=100)
     base.update(kw)
     return CorrelateConfig(models=tuple(str(m) for m in models), data=str(data), out=str(out), **base)
 
@@ -96,9 +96,9 @@ def test_sigkill_after_a_checkpoint_then_resume_from_the_cli(setup, tmp_path):
     from univ.cli import main
 
     models, data, expected = setup
-    argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "300",
+    argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "200",
             "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6",
-            "--checkpoint-every", "150"]
+            "--checkpoint-every", "100"]
     env = {**os.environ, "UNIV_FAULT_AFTER_WRITE": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "univ", *argv], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
@@ -108,7 +108,7 @@ def test_sigkill_after_a_checkpoint_then_resume_from_the_cli(setup, tmp_path):
     assert_same_tables(tmp_path / "r", expected)
 
 
-@pytest.mark.parametrize("every", [150, None])
+@pytest.mark.parametrize("every", [100, None])
 def test_sigterm_writes_a_checkpoint_and_exits_75_then_resume_matches(setup, tmp_path, monkeypatch, every):
     from univ.cli import main
 
@@ -117,12 +117,12 @@ def test_sigterm_writes_a_checkpoint_and_exits_75_then_resume_matches(setup, tmp
 
     def terminated(*args, **kw):
         calls["n"] += 1
-        if calls["n"] == 4:  # in the second pass
+        if calls["n"] == 3:  # the first batch of the second pass
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kw)
 
     monkeypatch.setattr(stream_mod, "process_batch", terminated)
-    argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "300",
+    argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "200",
             "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6"]
     argv += ["--checkpoint-every", str(every)] if every else []
     assert main(argv) == errors.EXIT_INTERRUPTED

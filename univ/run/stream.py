@@ -17,11 +17,16 @@ from collections.abc import Callable, Iterator
 import torch
 
 from univ.data import DataError
+from univ.errors import UserError
 from univ.run.config import CorrelateConfig
 from univ.run.state import RunState
 from univ_kernels import update_pair
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class ActivationError(UserError, ValueError):
+    """A model produced activations the accumulators refuse (NaN/Inf, overflow); nothing was accumulated."""
 
 
 class StopFlag:
@@ -99,8 +104,12 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     _sync(state.device)
     t1 = time.perf_counter()
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
-    prepped = [mom.prepare(x.to(state.device), operand_dtype=operand_dtype, backend=cfg.backend)
-               for mom, x in zip(state.moments, acts, strict=True)]
+    try:
+        prepped = [mom.prepare(x.to(state.device), operand_dtype=operand_dtype, backend=cfg.backend)
+                   for mom, x in zip(state.moments, acts, strict=True)]
+    except ValueError as e:  # non-finite or overflowing activations: the models' numerics, not a bug of ours
+        raise ActivationError(f"batch {state.batches_done + 1} of pass {state.pass_index + 1}: {e} "
+                              "(e.g. --dtype float32 for a model that overflows in half precision)") from e
     for b, c in state.blocks.items():  # C += centred GEMM + Chan's merge term (univ_kernels.update_pair)
         d = state.plan.d_mlp[b.a]
         update_pair(c, prepped[b.a], prepped[b.m], rows=slice(b.layer_start * d, b.layer_end * d),
