@@ -31,8 +31,9 @@ KIND = "univ.correlate.checkpoint"
 VERSION = 2
 
 
-def path(out: Path) -> Path:
-    return out / FILE
+def path(out: Path, name: str = FILE) -> Path:
+    """Where the checkpoint lives; ``name`` lets a process that holds part of the state (a rank) keep its own."""
+    return out / name
 
 
 def exists(out: Path) -> bool:
@@ -45,44 +46,44 @@ def remove(out: Path) -> None:
     files.sync_dir(out)
 
 
-def write(out: Path, state: RunState, identity: dict) -> None:
+def write(out: Path, state: RunState, identity: dict, name: str = FILE) -> None:
     """Write the state as the run's next checkpoint generation (replaces the previous one atomically)."""
     state.generation += 1
     meta = {"kind": KIND, "version": VERSION, "run_id": identity["run_id"], "generation": state.generation,
             "fingerprint": identity["fingerprint"], "plan": state.plan.to_dict(), "counters": state.counters(),
             "univ_version": __version__}
-    files.write_tensors(path(out), state.named(), meta)
+    files.write_tensors(path(out, name), state.named(), meta)
 
 
-def read_header(out: Path) -> dict:
+def read_header(out: Path, name: str = FILE) -> dict:
     """The checkpoint's metadata (digest checked, tensors not read); Refused if it cannot be trusted."""
-    if (out / LEGACY).exists() and not path(out).exists():
+    if (out / LEGACY).exists() and not path(out, name).exists():
         raise Refused(f"{out / LEGACY} is a checkpoint of an older univ, which cannot be resumed safely; "
                       "start again with --overwrite")
     try:
-        meta, _ = read_meta(path(out))
+        meta, _ = read_meta(path(out, name))
     except StateFileError as e:
         raise Refused(f"checkpoint unusable: {e}; start again with --overwrite") from e
     if meta.get("kind") != KIND or meta.get("version") != VERSION:
-        raise Refused(f"{path(out)} is not a version-{VERSION} correlate checkpoint (kind {meta.get('kind')!r}, "
+        raise Refused(f"{path(out, name)} is not a version-{VERSION} correlate checkpoint (kind {meta.get('kind')!r}, "
                       f"version {meta.get('version')!r}); start again with --overwrite")
     return meta
 
 
-def load_into(out: Path, state: RunState, meta: dict) -> None:
+def load_into(out: Path, state: RunState, meta: dict, name: str = FILE) -> None:
     """Validate the checkpoint's tensors against ``state``'s plan and load them and the counters into it."""
     counters = meta["counters"]
-    _check_counters(out, state, counters)
+    _check_counters(path(out, name), state, counters)
     state.start_pass(counters["pass_index"])
     try:
-        tensors, _ = read_tensors(path(out), state.expected())
+        tensors, _ = read_tensors(path(out, name), state.expected())
     except StateFileError as e:
         raise Refused(f"checkpoint unusable: {e}; start again with --overwrite") from e
     state.load(tensors, counters)
     state.generation = meta["generation"]
 
 
-def _check_counters(out: Path, state: RunState, c: dict) -> None:
+def _check_counters(file: Path, state: RunState, c: dict) -> None:
     """Counters that contradict each other or the plan (an edited or foreign file) are refused."""
     problems = []
     if not 0 <= c.get("pass_index", -1) < state.n_passes:
@@ -95,7 +96,7 @@ def _check_counters(out: Path, state: RunState, c: dict) -> None:
     if c.get("tokens_done", 0) > state.cfg.tokens or c.get("batches_done", -1) < 0:
         problems.append(f"tokens_done {c.get('tokens_done')} / batches_done {c.get('batches_done')}")
     if problems:
-        raise Refused(f"checkpoint unusable: {path(out)} has inconsistent counters ({'; '.join(problems)}); "
+        raise Refused(f"checkpoint unusable: {file} has inconsistent counters ({'; '.join(problems)}); "
                       "start again with --overwrite")
 
 

@@ -126,6 +126,9 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, log=print) -> dict | No
     if finished:
         raise Refused(f"{out} holds a finished run (run.json, run id {manifest_run_id(out)}): pass --overwrite "
                       "to replace it (the later stages' outputs go too), or choose another --out")
+    if (out / "state").is_dir():  # pass states of a run that left neither checkpoint nor run.json
+        shutil.rmtree(out / "state")
+        log(f"note: removed {out / 'state'}, left by a run that did not finish")
     return None
 
 
