@@ -317,3 +317,33 @@ def test_summary_matches_float64_histogram():
     expected, _ = np.histogram(r, bins=16, range=(-1, 1))
     got = correlation_summary(*args, bins=16, backend="triton").hist.numpy()
     assert got.sum() == r.size and np.abs(got - expected).sum() <= 2
+
+
+@pytest.mark.parametrize("dead_a, dead_b", [((), ()), ((0, 7), (3, 40))])
+@pytest.mark.parametrize(
+    "outputs",
+    [{"max_a"}, {"argmax_a"}, {"argmin_a", "max_a"}, {"max_b"}, {"argmax_b", "hist"}, {"hist"}, {"argmax_a", "hist"}],
+)
+def test_summary_outputs_subset_matches_full(outputs, dead_a, dead_b):
+    """Asking for fewer outputs gives the same ones (rows-only within 1 ulp), None for the rest, no histogram."""
+    args = summary_inputs(60, 45, 200, dead_a, dead_b)  # 200 columns: the 64-wide argmax blocks plus a tail
+    full = summary_torch(*args, bins=16)
+    part = correlation_summary(*args, bins=16, backend="torch", outputs=outputs)
+    want = set(outputs) | {k.removeprefix("arg") for k in outputs if k.startswith("arg")}
+    for f in FIELDS[:-1]:
+        got = getattr(part, f)
+        if f not in want:
+            assert got is None, f"{f} was not asked for"
+        elif f.startswith("arg"):
+            assert torch.equal(got, getattr(full, f)), f"{f} differs"
+        else:
+            torch.testing.assert_close(got, getattr(full, f), rtol=2e-7, atol=0, equal_nan=True, msg=f)
+    assert torch.equal(part.hist, full.hist if "hist" in outputs else torch.zeros_like(full.hist))
+    with pytest.raises(ValueError, match="outputs must be among"):
+        correlation_summary(*args, outputs={"max"})
+
+
+def test_summary_outputs_triton_backend_drops_the_rest():
+    args = summary_inputs(40, 33, 20)
+    s = correlation_summary(*args, bins=8, backend="triton", outputs={"max_b"})
+    assert s.max_b is not None and s.argmax_b is None and s.max_a is None and int(s.hist.sum()) == 0

@@ -13,6 +13,7 @@ from univ.run.config import CorrelateConfig
 from univ.run.plan import Block
 from univ.run.state import RunState
 from univ_kernels import correlation_summary
+from univ_kernels.comoment import symmetrize_upper
 
 
 def finalize_pass(state: RunState, cfg: CorrelateConfig) -> None:
@@ -24,7 +25,8 @@ def finalize_pass(state: RunState, cfg: CorrelateConfig) -> None:
         rows = slice(b.layer_start * d_a, b.layer_end * d_a)
         u_a, inv_a = ma.offset()[rows], ma.inv_sd()[rows]
         u_m, inv_m = mm.offset(), mm.inv_sd()
-        s = correlation_summary(c, u_a, u_m, inv_a, inv_m, bins=cfg.bins, backend=cfg.backend)
+        wanted = {"argmax_a", "hist"} | ({"argmax_b"} if cfg.mode == "all-pairs" else set())
+        s = correlation_summary(c, u_a, u_m, inv_a, inv_m, bins=cfg.bins, backend=cfg.backend, outputs=wanted)
         res = state.results[(b.a, b.m)]
         res["max"][rows] = s.max_a.cpu()
         res["arg"][rows] = s.argmax_a.cpu()
@@ -55,7 +57,7 @@ def centred_within(state: RunState, i: int, layer: int) -> torch.Tensor:
     """
     d = state.plan.d_mlp[i]
     u = state.moments[i].offset()[layer * d: (layer + 1) * d]
-    return state.within[i][layer] - u[:, None] * u[None, :]
+    return symmetrize_upper(state.within[i][layer]) - u[:, None] * u[None, :]  # W holds its upper triangle
 
 
 def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateConfig) -> torch.Tensor:
@@ -69,7 +71,7 @@ def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateCon
         cc = c[:, cols] - u_a[:, None] * u_m[cols][None, :]  # centred [rows, d_m]
         inv_rot = rotated_inv_sd(centred_within(state, m, layer), q)
         s = correlation_summary(cc @ q, torch.zeros_like(u_a), torch.zeros(d_m, device=c.device), inv_a, inv_rot,
-                                bins=1, backend=cfg.backend)
+                                bins=1, backend=cfg.backend, outputs={"max_a"})
         best = torch.maximum(best, torch.nan_to_num(s.max_a, nan=float("-inf")))
     return torch.where(torch.isinf(best), float("nan"), best)
 
@@ -86,6 +88,6 @@ def reverse_baseline(state: RunState, b: Block, c, u_a, cfg: CorrelateConfig) ->
         cc = c[rows] - u_a[rows][:, None] * u_m[None, :]  # centred [d_a, n_m]
         inv_rot = rotated_inv_sd(centred_within(state, a, layer), q)
         s = correlation_summary(q.t() @ cc, torch.zeros(d_a, device=c.device), torch.zeros_like(u_m), inv_rot, inv_m,
-                                bins=1, backend=cfg.backend)
+                                bins=1, backend=cfg.backend, outputs={"max_b"})
         best = torch.maximum(best, torch.nan_to_num(s.max_b, nan=float("-inf")))
     return best

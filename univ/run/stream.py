@@ -119,7 +119,8 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
             d = state.plan.d_mlp[i]
             for layer in range(w.shape[0]):
                 sl = slice(layer * d, (layer + 1) * d)
-                update_pair(w[layer], prepped[i], prepped[i], rows=sl, cols=sl, backend=cfg.backend, gemm=cfg.gemm)
+                update_pair(w[layer], prepped[i], prepped[i], rows=sl, cols=sl, backend=cfg.backend, gemm=cfg.gemm,
+                            symmetric=True)  # upper triangle only: read W through symmetrize_upper
     for mom, p in zip(state.moments, prepped, strict=True):
         mom.commit(p)
     for i, (pre, post) in pres.items():  # after the kernels' checks: a rejected batch changes nothing
