@@ -7,15 +7,18 @@
 
 (a) Correctness, on fresh random data at shapes that are not tile multiples, for fp32/fp16/bf16 inputs and
     fp32/fp16/bf16 operands: the pre-pass (operand bits, sums, non-finite counts), the co-moment update via
-    the Triton GEMM and via cuBLAS (C pre-filled, must be kept and added to; C a view inside a NaN buffer
-    for the Triton GEMM, so out-of-bounds writes show), the whole ``StreamingCorrelation`` against float64 r,
+    the Triton GEMM, the TMA GEMM (``gemm="triton-tma"``, also at 16-byte-aligned shapes where TMA really
+    runs) and cuBLAS (C pre-filled, must be kept and added to; C a view inside a NaN buffer for the Triton
+    GEMM, so out-of-bounds writes show), the upper-triangle W update (lower triangle NaN-poisoned), the
+    whole ``StreamingCorrelation`` against float64 r,
     and the finalize summary (values, indices, histogram, dead neurons). Every buffer a kernel allocates is
     poisoned (``torch.empty`` returns NaN / 0x3ADBEEF) so an unwritten output shows, and every case runs
     three times and must repeat bit for bit (a race shows as a difference). Each case prints its max |Δr|
     (error in units of r) or its own metric, and PASS/FAIL.
 (b) Ceilings: a 2 GiB device-to-device copy (GB/s, read + write) and a 16k³ cuBLAS bf16 matmul (TFLOP/s).
 (c) Timings at n = 12,288 and n = 36,864 neurons per side (GPT2-small: 12 × 3,072), T = 16,384 tokens:
-    pre-pass (GB/s), co-moment update with fp16 operands via Triton and via cuBLAS (TFLOP/s), the full
+    pre-pass (GB/s), co-moment update with fp16 operands via Triton, Triton-TMA and cuBLAS (TFLOP/s), the
+    within-layer W update on the upper triangle against a full cuBLAS addmm (TFLOP/s of the full GEMM), the full
     update, and finalize (GB/s of C), each as a % of the ceilings; then which GEMM is faster, against
     ``univ_kernels.comoment.DEFAULT_GEMM``.
 
@@ -38,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 POISON_INT = 0x3ADBEEF
 CHECK_SHAPES = [(1000, 777, 555), (4097, 1283, 389), (33, 130, 257), (1, 67, 3), (2049, 2053, 1031)]
 INTERPRET_SHAPES = [(45, 67, 37), (1, 5, 3)]
+TMA_SHAPES = [(3001, 1536, 1024), (16, 64, 8192)]  # 16-byte aligned rows (gemm="triton-tma" uses TMA only there)
+TMA_SHAPES_INTERPRET = [(77, 72, 40)]
 TIMING_SIZES = [(16384, 12288), (16384, 36864)]  # (T, n): medium, then GPT2-small
 # |Δr| tolerances of the whole stream against float64, by operand dtype (tests/test_streaming.py uses the same).
 R_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -281,6 +286,41 @@ def check_comoment(shape, op_name, gemm, device, repeats):
     return ok
 
 
+def check_symmetric(shape, op_name, gemm, device, repeats):
+    """W += XᵀX on the upper triangle (comoment_update_symmetric): upper part vs float64, lower part poisoned."""
+    t, n, _ = shape
+    op = DTYPES[op_name]
+    x, _ = latent_pair(t, n, 1, device, torch.float32, seed=23)
+    x = (x - x.mean(0)).to(op)
+    s2 = torch.outer(x.double().square().sum(0), x.double().square().sum(0)).sqrt().clamp(min=1e-30)
+    w0 = torch.randn(n, n, device=device, dtype=torch.float64) * s2 * 0.5
+    w0 = ((w0 + w0.T) / 2).float()
+    lower = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=-1)
+    exact = w0.double() + x.double().T @ x.double()
+
+    def run():
+        w = torch.where(lower, float("nan"), w0)
+        comoment_mod.comoment_update_symmetric(w, x, backend="triton", gemm=gemm)
+        return (comoment_mod.symmetrize_upper(w),)
+
+    (full,), equal = repeat(run, repeats)
+    err = float(((full.double() - exact).abs() / s2).max())
+    ok = err <= GEMM_TOL[op_name] and equal and bool(torch.isfinite(full).all())
+    row = record(
+        "correctness",
+        f"symmetric gemm={gemm}",
+        dtypes=f"{op_name} ops",
+        shape=f"{t}x{n}x{n}",
+        metric="max |dr|",
+        error=err,
+        tol=GEMM_TOL[op_name],
+        repeat_equal=equal,
+        status=status(ok),
+    )
+    report(row)
+    return ok
+
+
 def check_stream(shape, in_name, op_name, gemm, device, repeats):
     t, n_a, n_b = shape
     x_a, x_b = latent_pair(t, n_a, n_b, device, DTYPES[in_name], seed=33)
@@ -398,7 +438,7 @@ def attempt(check, *args) -> bool:
 
 def run_correctness(device, shapes, repeats) -> bool:
     print("(a) correctness: triton kernels vs float64 / torch, poisoned outputs, repeated runs bit for bit", flush=True)
-    gemms = ["triton", "cublas"] if device.type == "cuda" else ["triton"]
+    gemms = ["triton", "triton-tma", "cublas"] if device.type == "cuda" else ["triton", "triton-tma"]
     ok = True
     t0 = time.perf_counter()
     for shape in shapes:
@@ -412,7 +452,13 @@ def run_correctness(device, shapes, repeats) -> bool:
             for op_name in DTYPES:
                 for gemm in gemms:
                     ok &= attempt(check_stream, shape, in_name, op_name, gemm, device, repeats)
+        for op_name in DTYPES:
+            for gemm in gemms:
+                ok &= attempt(check_symmetric, shape, op_name, gemm, device, repeats)
         ok &= attempt(check_finalize, shape, device, repeats)
+    for shape in TMA_SHAPES if device.type == "cuda" else TMA_SHAPES_INTERPRET:  # aligned rows: TMA really runs
+        for op_name in ("float16", "bfloat16"):
+            ok &= attempt(check_comoment, shape, op_name, "triton-tma", device, repeats)
     ok &= attempt(check_prepass_nonfinite, device, repeats)
     n_fail = sum(r["status"] == "FAIL" for r in RESULTS if r["section"] == "correctness")
     n_all = sum(r["section"] == "correctness" for r in RESULTS)
@@ -495,7 +541,7 @@ def time_size(t: int, n: int, device, ceilings: dict) -> str:
 
     timed("prepass triton bf16->fp16", prep, prep_bytes, "GB/s", rep_ms=500)
     gemm_ms = {}
-    for gemm in ("triton", "cublas"):
+    for gemm in ("triton", "triton-tma", "cublas"):
         with contextlib.suppress(Exception):  # compile and autotune, not timed; a failure shows in timed()
             comoment_update(c, a, b, backend="triton", gemm=gemm)
         gemm_ms[gemm] = timed(
@@ -508,7 +554,25 @@ def time_size(t: int, n: int, device, ceilings: dict) -> str:
         flops,
         "TFLOP/s",
     )
+    d = min(n, 3072)  # one GPT2-small layer: W_l += X_lᵀX_l, full GEMM vs the upper triangle only
+    w = torch.zeros(d, d, device=device)
+    sym_flops = 2 * t * d * d
     for gemm in ("triton", "cublas"):
+        with contextlib.suppress(Exception):
+            comoment_mod.comoment_update_symmetric(w, a[:, :d], backend="triton", gemm=gemm)
+        timed(
+            f"W upper-triangle gemm={gemm}",
+            lambda g=gemm: comoment_mod.comoment_update_symmetric(w, a[:, :d], backend="triton", gemm=g),
+            sym_flops,
+            "TFLOP/s",
+        )
+    timed(
+        "W full addmm (cuBLAS)",
+        lambda: torch.addmm(w, a[:, :d].T, a[:, :d], out_dtype=torch.float32, out=w),
+        sym_flops,
+        "TFLOP/s",
+    )
+    for gemm in ("triton", "triton-tma", "cublas"):
         corr = StreamingCorrelation(n, n, device=device, backend="triton", gemm=gemm)
         corr.update(x_a, x_b)  # the first batch fixes the shift: not timed
         timed(f"full update gemm={gemm}", lambda corr=corr: corr.update(x_a, x_b), flops, "TFLOP/s")

@@ -216,9 +216,10 @@ def correlation_matrix(c, u_a, u_b, inv_sd_a, inv_sd_b) -> torch.Tensor:
 
 EXTREMES = ("max_a", "min_a", "max_b", "min_b")
 OUTPUTS = frozenset({*EXTREMES, *("arg" + k for k in EXTREMES), "hist"})
-# torch backend: r is built ~2 MB of rows at a time in one reused buffer, so every pass after the read of C
+# torch backend: r is built ~8 MB of rows at a time in one reused buffer, so every pass after the read of C
 # runs in cache and nothing page-faults (a fresh [1024, n] temporary per op cost as much as its arithmetic).
-CHUNK_BYTES_TORCH = 2 << 20
+# Not smaller: each op is one OpenMP region, and on a loaded 2-core machine 2 MB chunks ran slower than 8 MB.
+CHUNK_BYTES_TORCH = 8 << 20
 
 
 ARG_BLOCK = 64  # row extremes with their index: reduce 64-wide column blocks first, then search one block

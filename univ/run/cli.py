@@ -53,7 +53,7 @@ def register(subparsers) -> None:
                    help="GEMM operand dtype (default fp32 on CPU, fp16 for half models on CUDA)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="correlation kernels: torch (BLAS/cuBLAS), triton (fused, GPU), auto: triton on CUDA")
-    p.add_argument("--gemm", default=None, choices=["cublas", "triton"], help="GPU GEMM path")
+    p.add_argument("--gemm", default=None, choices=["cublas", "triton", "triton-tma"], help="GPU GEMM path")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                    help="accumulator memory budget (default 90%% of free device memory)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="TOKENS",

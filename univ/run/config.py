@@ -37,7 +37,7 @@ class CorrelateConfig:
     dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
     operand_dtype: str | None = None  # GEMM operands; default fp32 on CPU, fp16 for half models on CUDA
     backend: str = "auto"  # univ_kernels backend
-    gemm: str | None = None  # GPU GEMM path: "cublas" or "triton"
+    gemm: str | None = None  # GPU GEMM path: "cublas", "triton" or "triton-tma" (Hopper+)
     memory_budget_gb: float | None = None  # accumulator budget; default: 90 % of free device memory
     checkpoint_every: int | None = None  # tokens between checkpoints (None: only at pass ends / Ctrl-C)
     save_state: bool = True  # keep the accumulators (safetensors) in OUT/state for re-analysis
