@@ -135,7 +135,7 @@ def corr64(x, y):
 @pytest.mark.parametrize("kind", ["gaussian", "orthogonal"])
 def test_baseline_equals_explicit_rotation(zoo, tmp_path, kind):
     paths, data = zoo
-    cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline=kind, baseline_seed=7)
+    cfg = cfg_for([paths[0], paths[1]], data, tmp_path / "r", baseline=kind, baseline_seed=7, baseline_draws=1)
     t = pd.read_parquet(run(cfg, progress=False, log=lambda *_: None) / "neurons.parquet")
     x, _ = explicit_acts(paths[0], data, cfg)
     y, lm = explicit_acts(paths[1], data, cfg)

@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from univ.universal import read_run, register, run_universal, select_universal, universal_by_layer
+from univ.universal import (
+    borderline,
+    draws_summary,
+    read_run,
+    register,
+    run_universal,
+    select_universal,
+    universal_by_layer,
+)
 
 
 def _table() -> pd.DataFrame:
@@ -44,6 +52,39 @@ def test_strict_rule_needs_every_seed():
     df = _table()
     assert select_universal(df, rule="strict").tolist() == [False, False, True, False, False, True]
     assert select_universal(df, rule="strict", threshold=0.3).tolist() == [True, True, True, False, False, True]
+
+
+def _with_draws(df: pd.DataFrame) -> pd.DataFrame:
+    # per-draw excess spread around excess_corr:    0.60  0.50  0.51  0.30  NaN   0.70
+    return df.assign(excess_min=[0.55, 0.40, 0.45, 0.20, np.nan, 0.66],
+                     excess_q05=[0.56, 0.42, 0.49, 0.22, np.nan, 0.67],
+                     excess_max=[0.66, 0.58, 0.60, 0.40, np.nan, 0.75])
+
+
+def test_draws_rule_and_borderline():
+    df = _with_draws(_table())
+    assert select_universal(df, rule="draws").tolist() == [True, False, False, False, False, True]
+    assert select_universal(df, rule="draws", threshold=0.4).tolist() == [True, True, True, False, False, True]
+    # borderline: some draw passes and some fails (excess_min <= t < excess_max); NaN never is
+    assert borderline(df).tolist() == [False, True, True, False, False, False]
+    assert borderline(df, threshold=0.65).tolist() == [True, False, False, False, False, False]
+    assert borderline(_table()) is None
+    line = draws_summary(df, 8)
+    assert "paper's rule (mean over draws) 3" in line and "95 % of draws 2" in line and "borderline" in line
+    assert line.rstrip().endswith("2")
+    assert "unknown" in draws_summary(df, 1) and "not recorded" in draws_summary(_table(), None)
+    with pytest.raises(KeyError, match="--baseline-draws"):
+        select_universal(_table(), rule="draws")
+
+
+def test_run_universal_reports_borderline(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"models": ["m/a", "m/b"], "labels": ["a", "b"],
+                                                   "baseline_draws": 16}))
+    _with_draws(_table()).to_parquet(tmp_path / "neurons.parquet")
+    out = run_universal(tmp_path, rule="draws")
+    assert out["is_universal"].sum() == 2 and out["is_borderline"].sum() == 2
+    assert "baseline draws: 16" in capsys.readouterr().out
+    assert pd.read_parquet(tmp_path / "universal.parquet")["is_borderline"].tolist() == [False, False]
 
 
 def test_errors_name_the_problem():

@@ -6,6 +6,13 @@ over the compared models m of (max_j ρ^m_ij − max_j ρ̄^m_ij) with ρ̄ the 
     rule "mean"    excess_corr = mean_corr − mean_baseline > threshold        (the paper, §3)
     rule "strict"  min_corr − max_baseline > threshold                        (the repo's stricter table:
                                                                                 every seed must clear it)
+    rule "draws"   excess_q05 > threshold                                     (with K baseline draws: the
+                                                                                excess clears it in ≥ 95 %
+                                                                                of the draws)
+
+One rotation draw decides the borderline (issue 12: on the zoo two draws' universal sets overlap at
+Jaccard ≈ 0.7), so ``univ correlate --baseline-draws K`` records, per neuron, the excess of the worst and
+best draw; a neuron is *borderline* when excess_min ≤ threshold < excess_max: another draw would flip it.
 
 Dead neurons (NaN correlations) are never universal. ``univ universal DIR`` writes the universal rows to
 ``DIR/universal.parquet`` and ``DIR/universal.csv`` and prints counts per layer; the paper's U shape over
@@ -25,6 +32,8 @@ import pandas as pd
 
 __all__ = [
     "RULES",
+    "borderline",
+    "draws_summary",
     "read_neurons",
     "read_run",
     "register",
@@ -33,7 +42,7 @@ __all__ = [
     "universal_by_layer",
 ]
 
-RULES = ("mean", "strict")
+RULES = ("mean", "strict", "draws")
 DEFAULT_THRESHOLD = 0.5  # the paper's cut on excess correlation
 
 
@@ -88,10 +97,41 @@ def select_universal(neurons: pd.DataFrame, *, threshold: float = DEFAULT_THRESH
         if missing:
             raise KeyError(f"rule 'strict' needs columns min_corr and max_baseline; missing: {sorted(missing)}")
         score = neurons["min_corr"] - neurons["max_baseline"]
+    elif rule == "draws":
+        if "excess_q05" not in neurons:
+            raise KeyError("rule 'draws' needs column excess_q05: rerun 'univ correlate' with --baseline-draws K")
+        score = neurons["excess_q05"]
     else:
         raise ValueError(f"unknown rule {rule!r}; use one of {RULES}")
     # NaN > t is False: dead neurons are never universal.
     return (score.astype(float) > threshold).rename("is_universal")
+
+
+def borderline(neurons: pd.DataFrame, *, threshold: float = DEFAULT_THRESHOLD) -> pd.Series | None:
+    """Boolean Series: does the verdict of the paper's rule depend on the baseline draw (None without draws)?
+
+    True when excess_min ≤ threshold < excess_max, i.e. at least one draw passes and one fails. A run of
+    one draw has excess_min = excess_max, so nothing is borderline there: it cannot see the spread.
+    """
+    if not {"excess_min", "excess_max"} <= set(neurons.columns):
+        return None
+    lo, hi = neurons["excess_min"].astype(float), neurons["excess_max"].astype(float)
+    return ((lo <= threshold) & (threshold < hi)).rename("is_borderline")
+
+
+def draws_summary(neurons: pd.DataFrame, draws: int | None, *, threshold: float = DEFAULT_THRESHOLD) -> str:
+    """One line: how many neurons the paper's rule and the ≥ 95 %-of-draws rule keep, and how many are borderline."""
+    border = borderline(neurons, threshold=threshold)
+    if border is None or "excess_q05" not in neurons:
+        return "baseline draws: not recorded (rerun 'univ correlate --baseline-draws K' to see the borderline)"
+    n_mean = int(select_universal(neurons, threshold=threshold, rule="mean").sum())
+    n_draws = int(select_universal(neurons, threshold=threshold, rule="draws").sum())
+    if draws == 1:
+        return (f"baseline draws: 1 (universal by the paper's rule {n_mean}; one draw shows no spread, so the "
+                "borderline is unknown: rerun with --baseline-draws K)")
+    k = f"{draws}" if draws else "K"
+    return (f"baseline draws: {k}; universal by the paper's rule (mean over draws) {n_mean}, in ≥ 95 % of draws "
+            f"{n_draws}; borderline (some draws pass, some fail) {int(border.sum())}")
 
 
 def universal_by_layer(df: pd.DataFrame) -> pd.DataFrame:
@@ -138,12 +178,17 @@ def run_universal(
     run_dir = Path(run_dir)
     neurons = read_neurons(run_dir)
     neurons = neurons.assign(is_universal=select_universal(neurons, threshold=threshold, rule=rule))
+    border = borderline(neurons, threshold=threshold)
+    if border is not None:
+        neurons = neurons.assign(is_borderline=border)
     universal = neurons[neurons["is_universal"]].reset_index(drop=True)
     universal.to_parquet(run_dir / "universal.parquet", index=False)
     universal.to_csv(run_dir / "universal.csv", index=False)
     if verbose:
         print(f"universal neurons (rule {rule!r}, threshold {threshold}):")
         print(format_layer_table(universal_by_layer(neurons)))
+        draws = (read_run(run_dir).get("baseline_draws") if (run_dir / "run.json").is_file() else None)
+        print(draws_summary(neurons, draws, threshold=threshold))
         print(f"wrote {run_dir / 'universal.parquet'} and universal.csv ({len(universal)} rows)")
     return neurons
 
@@ -172,7 +217,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "examples:\n"
             "  univ universal runs/small                      # the paper's rule: excess_corr > 0.5\n"
             "  univ universal runs/small --threshold 0.4\n"
-            "  univ universal runs/small --rule strict        # min_corr - max_baseline > 0.5 (every seed)"
+            "  univ universal runs/small --rule strict        # min_corr - max_baseline > 0.5 (every seed)\n"
+            "  univ universal runs/small --rule draws         # excess > 0.5 in >= 95 % of the baseline draws\n"
+            "                                                 # (a run with --baseline-draws K)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -182,7 +229,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--rule",
         choices=RULES,
         default="mean",
-        help="mean: mean_corr - mean_baseline (paper); strict: min_corr - max_baseline (default: mean)",
+        help="mean: mean_corr - mean_baseline (paper); strict: min_corr - max_baseline; draws: excess in >= 95 %% "
+             "of the baseline draws, i.e. excess_q05 (default: mean)",
     )
     p.set_defaults(func=_main)
     return p

@@ -102,7 +102,7 @@ def _check_counters(file: Path, state: RunState, c: dict) -> None:
 
 def save_pass_state(out: Path, state: RunState, identity: dict) -> None:
     """Keep the pass's accumulators (C blocks, moments, within-layer W) in OUT/state for later re-analysis."""
-    named = {k: v for k, v in state.named().items() if not k.startswith(("result.", "hist."))}
+    named = {k: v for k, v in state.named().items() if not k.startswith(("result.", "hist.", "cka."))}
     meta = {"kind": "univ.correlate.state", "version": VERSION, "run_id": identity["run_id"],
             "pass_index": state.pass_index, "plan": state.plan.to_dict(), "counters": state.counters()}
     files.write_tensors(out / "state" / f"pass-{state.pass_index}.safetensors", named, meta)

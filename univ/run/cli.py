@@ -7,7 +7,7 @@ import sys
 
 from univ.baseline import KINDS as BASELINES
 from univ.errors import Interrupted
-from univ.run.config import MODES, CorrelateConfig
+from univ.run.config import DEFAULT_BASELINE_DRAWS, MODES, CorrelateConfig
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,8 @@ def register(subparsers) -> None:
             "  univ correlate stanford-crfm/alias-gpt2-small-x21 stanford-crfm/battlestar-gpt2-small-x49 \\\n"
             "      stanford-crfm/caprica-gpt2-small-x81 --data pile_test.jsonl --tokens 100000000 --out runs/small\n"
             "  univ correlate zoo/seed-0 zoo/seed-1 zoo/seed-2 --data heldout.txt --tokens 60000 --ctx 128\n"
-            "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run"
+            "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run\n"
+            "  univ correlate A B --data data.txt --out runs/p --paper-exact # the paper's choices (fp16 acts, K=1)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,6 +42,16 @@ def register(subparsers) -> None:
                    help="rotation baseline: the paper's row-normalised gaussian, Haar orthogonal, or none")
     p.add_argument("--baseline-seed", type=int, default=0,
                    help="seed of the random rotations; another seed gives another draw of the baseline")
+    p.add_argument("--baseline-draws", type=int, default=None, metavar="K",
+                   help=f"independent rotations per layer, all from the same accumulators (default "
+                        f"{DEFAULT_BASELINE_DRAWS}; 1 is the paper's single draw): neurons.parquet gets the baseline's "
+                        "sd over draws and the excess's standard error, 'univ universal --rule draws' the borderline")
+    p.add_argument("--paper-exact", action="store_true",
+                   help="the paper's choices: fp32 models, activations stored as fp16, one Gaussian draw, exactly "
+                        "pad/BOS/EOS and the single newline token excluded (univ.paper)")
+    p.add_argument("--no-layer-similarity", action="store_true",
+                   help="skip the layer x layer linear CKA (OUT/layer_similarity.parquet; it keeps model a's "
+                        "within-layer co-moments too)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per sequence, BOS first (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (which documents fill which batch)")
@@ -48,9 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="train", help="split of a hub dataset")
     p.add_argument("--keep-newlines", action="store_true", help="do not exclude newline positions")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="model dtype (default float32; bfloat16 moves r by up to 6e-3)")
     p.add_argument("--operand-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="GEMM operand dtype (default fp32 on CPU, fp16 for half models on CUDA)")
+                   help="GEMM operand dtype, after centring (default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="correlation kernels: torch (BLAS/cuBLAS), triton (fused, GPU), auto: triton on CUDA")
     p.add_argument("--gemm", default=None, choices=["cublas", "triton", "triton-tma"], help="GPU GEMM path")
@@ -73,7 +84,9 @@ def register(subparsers) -> None:
 def config_from_args(args) -> CorrelateConfig:
     return CorrelateConfig(
         models=tuple(args.models), data=args.data, out=args.out, tokens=args.tokens, mode=args.mode,
-        baseline=args.baseline, baseline_seed=args.baseline_seed, batch_size=args.batch_size, ctx=args.ctx,
+        baseline=args.baseline, baseline_seed=args.baseline_seed, baseline_draws=args.baseline_draws,
+        paper_exact=args.paper_exact, layer_similarity=not args.no_layer_similarity,
+        batch_size=args.batch_size, ctx=args.ctx,
         seed=args.seed, text_field=args.text_field, split=args.split, exclude_newlines=not args.keep_newlines,
         device=args.device, dtype=args.dtype, operand_dtype=args.operand_dtype, backend=args.backend, gemm=args.gemm,
         memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,

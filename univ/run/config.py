@@ -9,6 +9,8 @@ import torch
 from univ.baseline import KINDS as BASELINES
 from univ.errors import UserError
 
+DEFAULT_BASELINE_DRAWS = 16  # universal-set Jaccard 0.97 between runs, vs 0.70 for one draw (README)
+
 MODES = ("reference", "all-pairs")
 
 
@@ -27,6 +29,7 @@ class CorrelateConfig:
     mode: str = "reference"  # "reference": model 0 against each other; "all-pairs": every pair
     baseline: str = "gaussian"  # "gaussian" (the paper's), "orthogonal" (Haar), or "none"
     baseline_seed: int = 0
+    baseline_draws: int | None = None  # rotations per layer (None: DEFAULT_BASELINE_DRAWS; 1: the paper's)
     batch_size: int = 8  # sequences per forward
     ctx: int = 512  # tokens per sequence, BOS first (the paper's 512)
     seed: int = 0  # data order
@@ -34,8 +37,11 @@ class CorrelateConfig:
     split: str = "train"
     exclude_newlines: bool = True  # drop "\n" positions, as the paper did
     device: str | None = None  # default: cuda if available, else cpu
-    dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
-    operand_dtype: str | None = None  # GEMM operands; default fp32 on CPU, fp16 for half models on CUDA
+    dtype: str | None = None  # model dtype; default float32 (a bf16 forward moves r by up to 6e-3: README)
+    operand_dtype: str | None = None  # GEMM operands (centred); default fp32 on CPU, fp16 on CUDA
+    activation_dtype: str | None = None  # round activations to this dtype before any statistic (paper: fp16)
+    layer_similarity: bool = True  # linear CKA between every layer pair from the accumulators (+ W of model a)
+    paper_exact: bool = False  # the paper's choices (univ.paper.SETTINGS); fixes the fields it names
     backend: str = "auto"  # univ_kernels backend
     gemm: str | None = None  # GPU GEMM path: "cublas", "triton" or "triton-tma" (Hopper+)
     memory_budget_gb: float | None = None  # accumulator budget; default: 90 % of free device memory
@@ -56,6 +62,25 @@ class CorrelateConfig:
             raise ConfigError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be a positive number of tokens")
+        if self.paper_exact:
+            self._apply_paper_exact()
+        if self.baseline_draws is None:
+            object.__setattr__(self, "baseline_draws", DEFAULT_BASELINE_DRAWS)
+        if self.baseline_draws < 1:
+            raise ConfigError(f"--baseline-draws must be ≥ 1, got {self.baseline_draws}")
+
+    def _apply_paper_exact(self) -> None:
+        """Fix the paper's settings (recorded in the manifest's config); refuse an option that contradicts one."""
+        from univ.paper import SETTINGS
+
+        conflicts = [f"{k}={getattr(self, k)!r}" for k, v in SETTINGS.items() if getattr(self, k) not in (None, v)]
+        if not self.exclude_newlines:
+            conflicts.append("keep newlines")
+        if conflicts:
+            raise ConfigError(f"--paper-exact fixes {', '.join(sorted(SETTINGS))} and the newline rule; drop the "
+                            f"conflicting option(s): {', '.join(conflicts)}")
+        for k, v in SETTINGS.items():
+            object.__setattr__(self, k, v)
 
     def fingerprint(self) -> dict:
         """The fields a resumed run must share with its checkpoint (output-only options excluded)."""

@@ -1,14 +1,16 @@
 """Finalize a pass: reduce its co-moment blocks into per-neuron results (max, argmax, baseline) and histograms.
 
 Every block is read once: its rows (a's neurons against m) and, in all-pairs mode, its columns (m's neurons
-against these layers of a). The rotation baseline needs the within-layer co-moments W of the rotated model.
+against these layers of a). The rotation baseline (K draws, one batched GEMM per layer) needs the within-layer
+co-moments W of the rotated model; the layer similarity (linear CKA) needs W of both models of the block.
 """
 
 from __future__ import annotations
 
 import torch
 
-from univ.baseline import rotated_inv_sd, rotation
+from univ.baseline import RotationBank, rotated_max
+from univ.cka import layer_cka, within_fro
 from univ.run.config import CorrelateConfig
 from univ.run.plan import Block
 from univ.run.state import RunState
@@ -31,11 +33,12 @@ def finalize_pass(state: RunState, cfg: CorrelateConfig) -> None:
         res["max"][rows] = s.max_a.cpu()
         res["arg"][rows] = s.argmax_a.cpu()
         state.hist[(b.a, b.m)] += s.hist.cpu()
+        block_cka(state, b, c, u_a)
         if cfg.mode == "all-pairs":  # the same block read by columns: m's neurons against these layers of a
             combine_max(state.results[(b.m, b.a)], "max", "arg", s.max_b.cpu(), s.argmax_b.cpu() + rows.start)
         if cfg.baseline == "none":
             continue
-        res["base"][rows] = forward_baseline(state, b, c, u_a, inv_a, cfg).cpu()
+        res["base"][:, rows] = forward_baseline(state, b, c, u_a, inv_a, cfg).cpu()
         if cfg.mode == "all-pairs":
             combine_max(state.results[(b.m, b.a)], "base", None, reverse_baseline(state, b, c, u_a, cfg).cpu())
 
@@ -60,34 +63,51 @@ def centred_within(state: RunState, i: int, layer: int) -> torch.Tensor:
     return symmetrize_upper(state.within[i][layer]) - u[:, None] * u[None, :]  # W holds its upper triangle
 
 
+def rotation_bank(state: RunState, cfg: CorrelateConfig) -> RotationBank:
+    """The run's rotations: drawn once, reused by every block of every pass (and by both directions)."""
+    if state.rotations is None:
+        state.rotations = RotationBank(cfg.baseline, cfg.baseline_seed, cfg.baseline_draws)
+    return state.rotations
+
+
 def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateConfig) -> torch.Tensor:
-    """Max over every rotated neuron of model m (layer by layer) for each row of the block."""
+    """[K, rows]: per draw, max over every rotated neuron of model m (layer by layer) for each row of the block."""
     m, d_m = b.m, state.plan.d_mlp[b.m]
     u_m = state.moments[m].offset()
-    best = torch.full((c.shape[0],), float("-inf"), device=c.device)
+    bank = rotation_bank(state, cfg)
+    best = torch.full((cfg.baseline_draws, c.shape[0]), float("-inf"), device=c.device)
     for layer in range(state.plan.n_layers[m]):
         cols = slice(layer * d_m, (layer + 1) * d_m)
-        q = rotation(d_m, kind=cfg.baseline, seed=cfg.baseline_seed, model_index=m, layer=layer).to(c.device)
+        q_cat, inv_rot = bank.get(m, layer, centred_within(state, m, layer))
         cc = c[:, cols] - u_a[:, None] * u_m[cols][None, :]  # centred [rows, d_m]
-        inv_rot = rotated_inv_sd(centred_within(state, m, layer), q)
-        s = correlation_summary(cc @ q, torch.zeros_like(u_a), torch.zeros(d_m, device=c.device), inv_a, inv_rot,
-                                bins=1, backend=cfg.backend, outputs={"max_a"})
-        best = torch.maximum(best, torch.nan_to_num(s.max_a, nan=float("-inf")))
+        best = torch.maximum(best, rotated_max(cc, inv_a, q_cat, inv_rot, cfg.baseline_draws).nan_to_num(
+            nan=float("-inf")))
     return torch.where(torch.isinf(best), float("nan"), best)
 
 
 def reverse_baseline(state: RunState, b: Block, c, u_a, cfg: CorrelateConfig) -> torch.Tensor:
-    """All-pairs: for each neuron of m, max over rotated neurons of the block's layers of a."""
+    """All-pairs, [K, n_m]: per draw, for each neuron of m, max over rotated neurons of the block's layers of a."""
     a, d_a = b.a, state.plan.d_mlp[b.a]
     mm = state.moments[b.m]
     u_m, inv_m = mm.offset(), mm.inv_sd()
-    best = torch.full((c.shape[1],), float("-inf"), device=c.device)
+    bank = rotation_bank(state, cfg)
+    best = torch.full((cfg.baseline_draws, c.shape[1]), float("-inf"), device=c.device)
     for k, layer in enumerate(range(b.layer_start, b.layer_end)):
         rows = slice(k * d_a, (k + 1) * d_a)
-        q = rotation(d_a, kind=cfg.baseline, seed=cfg.baseline_seed, model_index=a, layer=layer).to(c.device)
+        q_cat, inv_rot = bank.get(a, layer, centred_within(state, a, layer))
         cc = c[rows] - u_a[rows][:, None] * u_m[None, :]  # centred [d_a, n_m]
-        inv_rot = rotated_inv_sd(centred_within(state, a, layer), q)
-        s = correlation_summary(q.t() @ cc, torch.zeros(d_a, device=c.device), torch.zeros_like(u_m), inv_rot, inv_m,
-                                bins=1, backend=cfg.backend, outputs={"max_b"})
-        best = torch.maximum(best, torch.nan_to_num(s.max_b, nan=float("-inf")))
+        best = torch.maximum(best, rotated_max(cc.t(), inv_m, q_cat, inv_rot, cfg.baseline_draws).nan_to_num(
+            nan=float("-inf")))
     return best
+
+
+def block_cka(state: RunState, b: Block, c, u_a) -> None:
+    """Linear CKA of the block's layers of a against every layer of m, from C and both models' W (univ.cka)."""
+    if (b.a, b.m) not in state.cka or b.a not in state.within or b.m not in state.within:
+        return
+    d_a, d_m = state.plan.d_mlp[b.a], state.plan.d_mlp[b.m]
+    fro_a = within_fro(state.within[b.a][b.layer_start:b.layer_end],
+                       state.moments[b.a].offset()[b.layer_start * d_a: b.layer_end * d_a])
+    fro_m = within_fro(state.within[b.m], state.moments[b.m].offset())
+    state.cka[(b.a, b.m)][b.layer_start:b.layer_end] = layer_cka(c, u_a, state.moments[b.m].offset(), fro_a, fro_m,
+                                                                 d_a, d_m)

@@ -11,10 +11,14 @@ import pandas as pd
 import torch
 
 from univ import __version__
+from univ.baseline import summarize_draws
+from univ.cka import FILE as LAYER_SIMILARITY
+from univ.cka import cka_frame, layer_similarity_table
 from univ.run import files
 from univ.run.config import CorrelateConfig
 from univ.run.plan import Plan
 from univ.run.state import RunState
+from univ.run.stream import excluded_ids
 
 
 def neuron_table(state: RunState, models, labels: list[str], cfg: CorrelateConfig) -> pd.DataFrame:
@@ -28,27 +32,20 @@ def neuron_table(state: RunState, models, labels: list[str], cfg: CorrelateConfi
             "layer": np.repeat(np.arange(lm.n_layers), lm.d_mlp),
             "neuron": np.tile(np.arange(lm.d_mlp), lm.n_layers),
         }
-        maxes, bases = [], []
-        for m in sorted(m for x, m in state.results if x == a):
-            r = state.results[(a, m)]
-            mx = _inf_to_nan(r["max"]).numpy().astype(np.float64)
-            arg = r["arg"].numpy()
-            base = _inf_to_nan(r["base"]).numpy().astype(np.float64)
-            d_m = models[m].d_mlp
-            cols[f"max_corr.{labels[m]}"] = mx
+        others = sorted(m for x, m in state.results if x == a)
+        maxes = [_inf_to_nan(state.results[(a, m)]["max"]).numpy().astype(np.float64) for m in others]
+        bases = [_inf_to_nan(state.results[(a, m)]["base"]).numpy().astype(np.float64) for m in others]  # [K, n]
+        s = summarize_draws(np.stack(maxes), np.stack(bases))
+        for i, m in enumerate(others):
+            arg, d_m = state.results[(a, m)]["arg"].numpy(), models[m].d_mlp
+            cols[f"max_corr.{labels[m]}"] = maxes[i]
             cols[f"argmax_layer.{labels[m]}"] = np.where(arg >= 0, arg // d_m, -1)
             cols[f"argmax_neuron.{labels[m]}"] = np.where(arg >= 0, arg % d_m, -1)
-            cols[f"baseline.{labels[m]}"] = base
-            maxes.append(mx)
-            bases.append(base)
-        mx, base = np.stack(maxes), np.stack(bases)
-        with np.errstate(all="ignore"):
-            cols["mean_corr"] = mx.mean(0)
-            cols["min_corr"] = mx.min(0)
-            cols["max_corr"] = mx.max(0)
-            cols["mean_baseline"] = base.mean(0)
-            cols["max_baseline"] = base.max(0)
-            cols["excess_corr"] = cols["mean_corr"] - cols["mean_baseline"]
+            cols[f"baseline.{labels[m]}"] = s["baseline_mean"][i]
+            cols[f"baseline_sd.{labels[m]}"] = s["baseline_sd"][i]
+        for key in ("mean_corr", "min_corr", "max_corr", "mean_baseline", "max_baseline", "excess_corr",
+                    "mean_baseline_sd", "excess_se", "excess_q05", "excess_min", "excess_max"):
+            cols[key] = s[key]
         frames.append(pd.DataFrame(cols))
     return pd.concat(frames, ignore_index=True)
 
@@ -64,9 +61,15 @@ def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dic
 
     neurons.parquet columns: ``model`` (label), ``layer``, ``neuron``; per compared model m:
     ``max_corr.<m>`` (max Pearson r over all of m's neurons), ``argmax_layer.<m>``, ``argmax_neuron.<m>``
-    (where; −1 if dead), ``baseline.<m>`` (the same max over randomly rotated neurons of m); then over m:
-    ``mean_corr``, ``min_corr``, ``max_corr``, ``mean_baseline``, ``max_baseline`` and
-    ``excess_corr = mean_corr − mean_baseline`` (the paper's universality score). Dead neurons: NaN.
+    (where; −1 if dead), ``baseline.<m>`` (the same max over randomly rotated neurons of m, mean over the K
+    baseline draws) and ``baseline_sd.<m>`` (its sd over draws; NaN for K = 1); then over m: ``mean_corr``,
+    ``min_corr``, ``max_corr``, ``mean_baseline``, ``max_baseline`` and ``excess_corr = mean_corr −
+    mean_baseline`` (the paper's universality score); then the draws' spread: ``mean_baseline_sd`` (sd over
+    draws of the mean baseline), ``excess_se`` (its standard error, sd/√K), ``excess_q05`` (> t ⇔ the
+    excess passes t in ≥ 95 % of the draws), ``excess_min``/``excess_max`` (the worst and best draw's excess;
+    see ``univ.baseline.summarize_draws``). Dead neurons: NaN.
+
+    layer_similarity.parquet (when the run kept W of both models): model, other, layer, other_layer, cka.
     """
     table = neuron_table(state, models, labels, cfg)
     files.write_table(table, out / "neurons.parquet")
@@ -75,6 +78,9 @@ def write_outputs(out: Path, state: RunState, models, labels, cfg, manifest: dic
     hist_rows = [{"model": labels[a], "other": labels[m], "bin_left": edges[i], "bin_right": edges[i + 1],
                   "count": int(h[i])} for (a, m), h in state.hist.items() for i in range(cfg.bins)]
     files.write_table(pd.DataFrame(hist_rows), out / "histograms.parquet")
+    if state.cka:
+        files.write_table(layer_similarity_table([cka_frame(k.numpy(), labels[a], labels[m])
+                                                  for (a, m), k in state.cka.items()]), out / LAYER_SIMILARITY)
     if state.act_stats:  # the same columns `univ stats` computes from activations, streamed in this pass
         frames = [st.result().assign(model=labels[i]) for i, st in state.act_stats.items()]
         stats = pd.concat(frames, ignore_index=True)
@@ -97,10 +103,17 @@ def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, la
         "analysed": [labels[a] for a in sorted({a for a, _ in state.results})],
         "data": {"source": cfg.data, "ctx": cfg.ctx, "batch_size": cfg.batch_size, "seed": cfg.seed,
                  "max_tokens": cfg.tokens, "text_field": cfg.text_field, "split": cfg.split,
-                 "exclude_newlines": cfg.exclude_newlines},
+                 "exclude_newlines": cfg.exclude_newlines,
+                 # the ids themselves, so later stages (analyze, roles) skip exactly these positions
+                 "excluded": sorted(excluded_ids(cfg, models[0].tokenizer)),
+                 "excluded_rule": "pad/BOS/EOS and the single newline token (paper)" if cfg.paper_exact else
+                 ("pad/BOS/EOS and every newline-only token" if cfg.exclude_newlines else "pad/BOS/EOS")},
         "mode": cfg.mode,
         "baseline": cfg.baseline,
         "baseline_seed": cfg.baseline_seed,
+        "baseline_draws": cfg.baseline_draws,
+        "paper_exact": cfg.paper_exact,
+        "layer_similarity": bool(state.cka),
         "tokens": tokens_seen,
         "tokens_requested": cfg.tokens,
         "data_exhausted": tokens_seen < cfg.tokens,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from univ.baseline import CHUNK_BYTES
 from univ.run.config import CorrelateConfig
 
 
@@ -74,6 +75,15 @@ def rotated_models(mode: str, n_models: int) -> list[int]:
     return sorted({m for _, m in pairs} | ({a for a, _ in pairs} if mode == "all-pairs" else set()))
 
 
+def within_models(cfg: CorrelateConfig, n_models: int) -> list[int]:
+    """Models whose within-layer co-moments W the run keeps: the rotated ones (baseline) and, for the layer
+    similarity (CKA needs ‖W‖ of both sides), every model of a pair."""
+    keep = set(rotated_models(cfg.mode, n_models)) if cfg.baseline != "none" else set()
+    if cfg.layer_similarity:
+        keep |= {i for pair in pairs_for(cfg.mode, n_models) for i in pair}
+    return sorted(keep)
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for accumulators on ``device`` (CUDA: free memory; CPU: MemAvailable)."""
     if device.type == "cuda":
@@ -100,10 +110,9 @@ def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], devic
               batch_bytes: int) -> Plan:
     """Pack blocks into passes under the memory budget; raise if even a one-layer block cannot fit."""
     pairs = pairs_for(cfg.mode, len(n_layers))
-    baseline_models = rotated_models(cfg.mode, len(n_layers))
-    within = sum(4 * n_layers[i] * d_mlp[i] ** 2 for i in baseline_models) if cfg.baseline != "none" else 0
-    # Finalize temporaries: a centred [rows, d_m] slice and its rotation, per layer.
-    fixed = within + batch_bytes
+    within = sum(4 * n_layers[i] * d_mlp[i] ** 2 for i in within_models(cfg, len(n_layers)))
+    # Finalize temporaries: the baseline's rotated-correlation chunk (the draws' GEMM, univ.baseline).
+    fixed = within + batch_bytes + (CHUNK_BYTES if cfg.baseline != "none" else 0)
     if cfg.memory_budget_gb is not None:
         budget = int(cfg.memory_budget_gb * 1e9)
     else:

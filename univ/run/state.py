@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from univ.run.config import CorrelateConfig
-from univ.run.plan import Block, Plan, analysed_models, pairs_for, rotated_models
+from univ.run.plan import Block, Plan, analysed_models, pairs_for, within_models
 from univ.stats import ActivationStats
 from univ_kernels import ColumnMoments
 
@@ -40,6 +40,8 @@ class RunState:
         # results[(a, m)]: a's neurons against m: max, argmax, baseline (filled block by block)
         self.results: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.hist: dict[tuple[int, int], torch.Tensor] = {}
+        self.cka: dict[tuple[int, int], torch.Tensor] = {}
+        self.rotations = None  # univ.baseline.RotationBank, built at the first finalize (not checkpointed)
         # Activation statistics of the analysed models, gathered on the first pass (same tokens every pass).
         self.act_stats: dict[int, ActivationStats] = {}
         if cfg.activation_stats:
@@ -48,15 +50,17 @@ class RunState:
         for a, m in pairs_for(cfg.mode, len(models)):
             for x, y in ((a, m), (m, a)) if cfg.mode == "all-pairs" else ((a, m),):
                 n = models[x].n_neurons
-                self.results[(x, y)] = {
+                self.results[(x, y)] = {  # base: one row per baseline draw
                     "max": torch.full((n,), float("-inf")), "arg": torch.full((n,), -1, dtype=torch.int64),
-                    "base": torch.full((n,), float("-inf")),
+                    "base": torch.full((cfg.baseline_draws, n), float("-inf")),
                 }
             self.hist[(a, m)] = torch.zeros(cfg.bins, dtype=torch.int64)
-        if cfg.baseline != "none":
-            for i in rotated_models(cfg.mode, len(models)):
-                self.within[i] = torch.zeros((models[i].n_layers, models[i].d_mlp, models[i].d_mlp),
-                                             dtype=torch.float32, device=device)
+            if cfg.layer_similarity:  # linear CKA, layer of a × layer of m, filled block by block at finalize
+                self.cka[(a, m)] = torch.full((models[a].n_layers, models[m].n_layers), float("nan"),
+                                              dtype=torch.float64)
+        for i in within_models(cfg, len(models)):
+            self.within[i] = torch.zeros((models[i].n_layers, models[i].d_mlp, models[i].d_mlp),
+                                         dtype=torch.float32, device=device)
         self.start_pass(0)
 
     @property
@@ -97,6 +101,8 @@ class RunState:
                 out[f"result.{a}.{m}.{k}"] = v
         for (a, m), h in self.hist.items():
             out[f"hist.{a}.{m}"] = h
+        for (a, m), k in self.cka.items():
+            out[f"cka.{a}.{m}"] = k
         for i, st in self.act_stats.items():
             shift = st.shift if st.shift is not None else torch.zeros_like(st.post_sum)
             out.update({f"stats.{i}.shift": shift, f"stats.{i}.sums": st.sums, f"stats.{i}.n_pos": st.n_pos,
@@ -132,6 +138,8 @@ class RunState:
                 r[k] = tensors[f"result.{a}.{m}.{k}"].clone()
         for key in self.hist:
             self.hist[key] = tensors[f"hist.{key[0]}.{key[1]}"].clone()
+        for key in self.cka:
+            self.cka[key] = tensors[f"cka.{key[0]}.{key[1]}"].clone()
         for i, st in self.act_stats.items():
             st.n, st.n_post, has_shift = counters["stats_n"][str(i)]
             st.shift = tensors[f"stats.{i}.shift"].clone() if has_shift else None

@@ -18,6 +18,7 @@ import torch
 
 from univ.data import DataError
 from univ.errors import UserError
+from univ.paper import round_activations
 from univ.run.config import CorrelateConfig
 from univ.run.state import RunState
 from univ_kernels import update_pair
@@ -58,10 +59,20 @@ class StopFlag:
         self._old = {}
 
 
-def token_stream(cfg: CorrelateConfig, tokenizer, skip_batches: int = 0) -> Iterator:
-    from univ.data import excluded_token_ids, token_batches
+def excluded_ids(cfg: CorrelateConfig, tokenizer) -> set[int]:
+    """Token ids whose positions the run skips: the paper's exact rule under --paper-exact, else univ's."""
+    from univ.data import excluded_token_ids
+    from univ.paper import paper_excluded_token_ids
 
-    excluded = excluded_token_ids(tokenizer, newlines=cfg.exclude_newlines)
+    if cfg.paper_exact:
+        return paper_excluded_token_ids(tokenizer)
+    return excluded_token_ids(tokenizer, newlines=cfg.exclude_newlines)
+
+
+def token_stream(cfg: CorrelateConfig, tokenizer, skip_batches: int = 0) -> Iterator:
+    from univ.data import token_batches
+
+    excluded = excluded_ids(cfg, tokenizer)
     return token_batches(cfg.data, tokenizer, ctx=cfg.ctx, batch_size=cfg.batch_size, seed=cfg.seed,
                          max_tokens=cfg.tokens, text_field=cfg.text_field, split=cfg.split,
                          skip_batches=skip_batches, excluded=excluded)
@@ -94,13 +105,14 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     from univ.models import collect_mlp_activations
 
     t0 = time.perf_counter()
+    activation_dtype = getattr(torch, cfg.activation_dtype) if cfg.activation_dtype else None
     acts, pres = [], {}
     for i, lm in enumerate(models):
         want_pre = state.pass_index == 0 and i in state.act_stats
         got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
         if want_pre:
             pres[i] = (got.pre, got.post)
-        acts.append(got.post.reshape(got.post.shape[0], -1))  # [T, L·d]
+        acts.append(round_activations(got.post.reshape(got.post.shape[0], -1), activation_dtype))  # [T, L·d]
     _sync(state.device)
     t1 = time.perf_counter()
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
