@@ -17,7 +17,7 @@ from univ.cka import (
     within_fro,
     write_layer_similarity,
 )
-from univ_kernels import ColumnMoments, comoment_update
+from univ_kernels import ColumnMoments, update_pair
 
 
 def _cka64(x: np.ndarray, y: np.ndarray) -> float:
@@ -32,15 +32,14 @@ def _acts(t: int, n_layers: int, d: int, seed: int, latent: np.ndarray) -> np.nd
 
 
 def _stream(xs: list[np.ndarray], pairs: list[tuple[int, int]], batch: int):
-    """Accumulate as a run does: per-batch shift/centring (ColumnMoments), raw C and W by comoment_update."""
+    """Accumulate as a run does: per-batch centring merged by Chan's formula (ColumnMoments + update_pair)."""
     moms = [ColumnMoments(x.shape[1]) for x in xs]
     cs = {p: torch.zeros(xs[p[0]].shape[1], xs[p[1]].shape[1]) for p in pairs}
     for t0 in range(0, xs[0].shape[0], batch):
         prepped = [m.prepare(torch.tensor(x[t0:t0 + batch], dtype=torch.float32), operand_dtype=torch.float32,
                              backend="torch") for m, x in zip(moms, xs, strict=True)]
-        ops = [p.operand.clone() for p in prepped]  # the CPU operand buffer is reused by the next prepare
         for (i, j), c in cs.items():
-            comoment_update(c, ops[i], ops[j], backend="torch")
+            update_pair(c, prepped[i], prepped[j], backend="torch")
         for m, p in zip(moms, prepped, strict=True):
             m.commit(p)
     return moms, cs
