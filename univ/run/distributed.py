@@ -3,16 +3,17 @@
     torchrun --nproc-per-node 4 -m univ correlate A B C --data corpus.txt --tokens 100000000 --out runs/x
 
 The accumulators are split into *units*: one layer of model a against every neuron of model m (a C block,
-4·d_a·L_m·d_m bytes) and, for the baseline, all within-layer co-moments of one model (4·L·d² bytes).
-Ranks form G block groups × K token shards (rank r: group r // K, token shard r mod K). Each group owns a
-contiguous run of units (memory per rank ~ 1/G of the total); within a group, token shard k streams batches
-i with i mod K = k, and the shards' co-moments are merged exactly (Chan) at the end of each pass. Every
-rank reads the same batches in the same order; it runs only the forwards of the models its units need.
+4·d_a·L_m·d_m bytes). For the baseline a rank also holds the within-layer co-moments W (4·L·d² bytes) of
+the models its blocks rotate. Ranks form G block groups × K token shards (rank r: group r // K, token
+shard r mod K). Each group owns a contiguous run of units (memory per rank ~ 1/G of the total); within a
+group, token shard k streams batches i with i mod K = k, and the shards' co-moments are merged exactly
+(Chan) at the end of each pass. Every rank reads the same batches in the same order; it runs only the
+forwards of the models its units need.
 
 Cost model (per rank, the busiest one; T tokens, P passes, f_i forward FLOPs per token of model i):
 
     forward   T/K · Σ_{passes} Σ_{i ∈ models the pass needs} f_i  (repeated on every rank of every group)
-    GEMM      T/K · Σ_{units of the group} 2 · rows · cols      (each co-moment entry: 2 FLOPs per token)
+    GEMM      T/K · Σ_{units and W of the group} 2 · rows · cols  (each co-moment entry: 2 FLOPs per token)
     comm      K > 1: ⌈log2 K⌉ · (the group's accumulators), at pass ends; always: O(neurons) at the end
 
 GPT-2-small (36,864 neurons, f ≈ 2·124e6): one pair's GEMM is 2·36,864² ≈ 2.7e9 FLOPs per token, ~11
@@ -27,8 +28,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-CROSS, WITHIN = "cross", "within"
-
 # Rates of the cost model. Only their ratios matter for the choice of K; they are modelling assumptions for
 # ranking the options, not measurements (bench/bench_scaling.py measures what a machine does).
 RATES = {
@@ -39,17 +38,16 @@ RATES = {
 
 @dataclass(frozen=True)
 class Unit:
-    """The smallest piece of accumulator a rank can own."""
+    """The smallest piece of co-moment a rank can own: one layer of model a against every neuron of model m."""
 
-    kind: str  # CROSS: layer ``layer`` of model a against all of m; WITHIN: every layer's W of model a (= m)
     a: int
     m: int
-    layer: int  # CROSS: a's layer; WITHIN: −1 (all layers)
+    layer: int
     nbytes: int  # fp32 accumulator; GEMM FLOPs per token = nbytes / 2
 
     @property
     def label(self) -> str:
-        return f"{self.a}[L{self.layer}]×{self.m}" if self.kind == CROSS else f"W{self.a}"
+        return f"{self.a}[L{self.layer}]×{self.m}"
 
 
 @dataclass(frozen=True)
@@ -64,23 +62,27 @@ class BlockSpec:
 
 @dataclass
 class GroupPlan:
-    """The units one block group owns: its C units spread over the passes, and the W units (kept all run)."""
+    """The units one block group owns, spread over the passes, and the models whose W it needs (kept all run).
+
+    Each group accumulates the within-layer co-moments of every model its blocks rotate for the baseline, on the
+    first pass: a W is as big as one layer unit, and computing it where it is read costs one more GEMM per
+    model instead of sending W (or its rotated variances) between ranks before every finalize.
+    """
 
     units: list[Unit]
+    within: list[int] = field(default_factory=list)
+    within_bytes: int = 0
     passes: list[list[Unit]] = field(default_factory=list)
-
-    @property
-    def within(self) -> list[int]:
-        return [u.a for u in self.units if u.kind == WITHIN]
-
-    @property
-    def within_bytes(self) -> int:
-        return sum(u.nbytes for u in self.units if u.kind == WITHIN)
 
     @property
     def models(self) -> list[int]:
         """Models whose forward this group runs."""
-        return sorted({u.a for u in self.units} | {u.m for u in self.units})
+        return sorted({u.a for u in self.units} | {u.m for u in self.units} | set(self.within))
+
+    def models_in_pass(self, p: int) -> list[int]:
+        """Models to forward in pass p: those of its units, and on pass 0 those whose W this group collects."""
+        units = self.passes[p] if p < len(self.passes) else []
+        return sorted({u.a for u in units} | {u.m for u in units} | (set(self.within) if p == 0 else set()))
 
     def blocks(self, p: int) -> list[BlockSpec]:
         """Pass p's C units as blocks of consecutive layers of one pair."""
@@ -92,12 +94,6 @@ class GroupPlan:
             else:
                 out.append(BlockSpec(u.a, u.m, u.layer, u.layer + 1))
         return out
-
-    def models_in_pass(self, p: int) -> list[int]:
-        """Models to forward in pass p: those of its C units, and on pass 0 those whose W this group collects."""
-        units = (self.passes[p] if p < len(self.passes) else []) + ([u for u in self.units if u.kind == WITHIN]
-                                                                     if p == 0 else [])
-        return sorted({u.a for u in units} | {u.m for u in units})
 
     def pass_bytes(self, p: int) -> int:
         return sum(u.nbytes for u in self.passes[p]) if p < len(self.passes) else 0
@@ -130,13 +126,6 @@ class ShardPlan:
         """Batch i of the stream goes to token shard i mod K: the same split on every rank, every pass, every resume."""
         return batch_index % self.token_shards == self.shard_of(rank)
 
-    def within_owner(self, model: int) -> int:
-        """Group root rank that accumulates model ``model``'s within-layer co-moments."""
-        for g, gp in enumerate(self.groups):
-            if model in gp.within:
-                return self.group_root(g)
-        raise KeyError(f"no rank holds the within-layer co-moments of model {model}")
-
     def rank_bytes(self, rank: int) -> int:
         """Accumulator bytes the rank holds at once (the biggest pass, plus W)."""
         gp = self.groups[self.group_of(rank)]
@@ -145,30 +134,19 @@ class ShardPlan:
     def to_dict(self) -> dict:
         return {"world": self.world, "token_shards": self.token_shards, "n_passes": self.n_passes,
                 "budget_bytes": self.budget_bytes,
-                "groups": [{"units": [u.label for u in gp.units],
+                "groups": [{"units": [u.label for u in gp.units], "within": gp.within,
                             "passes": [[b.__dict__ for b in gp.blocks(p)] for p in range(self.n_passes)]}
                            for gp in self.groups]}
 
 
-def make_units(pairs: list[tuple[int, int]], n_layers: list[int], d_mlp: list[int],
-               within_models: set[int]) -> list[Unit]:
-    """Units in the order that keeps a pair's layers together and W_m beside the first pair that reads m:
-    contiguous runs of this list need few forwards."""
-    units: list[Unit] = []
-    done: set[int] = set()
+def make_units(pairs: list[tuple[int, int]], n_layers: list[int], d_mlp: list[int]) -> list[Unit]:
+    """Units pair by pair, layer by layer: contiguous runs of this list keep a pair together (few forwards)."""
+    return [Unit(a, m, layer, 4 * d_mlp[a] * n_layers[m] * d_mlp[m]) for a, m in pairs for layer in range(n_layers[a])]
 
-    def within(i: int) -> None:
-        if i in within_models and i not in done:
-            units.append(Unit(WITHIN, i, i, -1, 4 * n_layers[i] * d_mlp[i] ** 2))
-            done.add(i)
 
-    for a, m in pairs:
-        within(a)
-        units += [Unit(CROSS, a, m, layer, 4 * d_mlp[a] * n_layers[m] * d_mlp[m]) for layer in range(n_layers[a])]
-        within(m)
-    for i in sorted(within_models - done):
-        within(i)
-    return units
+def within_bytes(n_layers: list[int], d_mlp: list[int], models) -> dict[int, int]:
+    """fp32 bytes of every layer's within-layer co-moment W [L, d, d], per rotated model."""
+    return {i: 4 * n_layers[i] * d_mlp[i] ** 2 for i in models}
 
 
 def split_contiguous(sizes: list[int], parts: int) -> list[tuple[int, int]]:
@@ -211,38 +189,43 @@ class PlanError(ValueError):
     """A unit cannot fit on a rank, or the world cannot be split as asked."""
 
 
-def make_shard_plan(units: list[Unit], *, world: int, token_shards: int, budget_bytes: int) -> ShardPlan:
-    """Split ``units`` over world / token_shards block groups, then each group's C units over passes.
+def make_shard_plan(units: list[Unit], *, world: int, token_shards: int, budget_bytes: int,
+                    within: dict[int, int] | None = None, reverse: bool = False) -> ShardPlan:
+    """Split ``units`` over world / token_shards block groups, then each group's units over passes.
 
-    Memory per rank is its group's W plus one pass of its C units, under ``budget_bytes`` (the smallest budget
-    of any rank, so that every rank computes the same plan). Every group runs the same number of passes (the
-    ranks meet at each pass end); a group's C units are cut into exactly that many balanced passes.
+    ``within``: W bytes of each rotated model (empty without a baseline); a group needs W of the m of its units,
+    and with ``reverse`` (all-pairs: m's neurons against rotated a) of their a too. Memory per rank is its W plus
+    one pass of its units, under ``budget_bytes`` (the smallest budget of any rank, so that every rank computes
+    the same plan). Every group runs the same number of passes (ranks meet at each pass end); a group's units
+    are cut into exactly that many balanced passes.
     """
+    within = within or {}
     if world < 1 or token_shards < 1 or world % token_shards:
         raise PlanError(f"--token-shards {token_shards} must divide the {world} ranks (e.g. "
                         f"{', '.join(str(k) for k in divisors(world))})")
     n_groups = world // token_shards
-    groups = [GroupPlan(units[s:e]) for s, e in split_contiguous([u.nbytes for u in units], n_groups)]
+    groups = []
+    for s, e in split_contiguous([u.nbytes for u in units], n_groups):
+        mine = units[s:e]
+        need = sorted(({u.m for u in mine} | ({u.a for u in mine} if reverse else set())) & set(within))
+        groups.append(GroupPlan(mine, need, sum(within[i] for i in need)))
     n_passes = 1
     for g, gp in enumerate(groups):
         room = budget_bytes - gp.within_bytes
-        cross = [u for u in gp.units if u.kind == CROSS]
-        too_big = [u for u in cross if u.nbytes > room]
-        if too_big or room < 0:
-            u = too_big[0] if too_big else None
-            what = (f"one layer of model {u.a} against all neurons of model {u.m} needs {format_bytes(u.nbytes)}"
-                    if u else f"the within-layer co-moments of models {gp.within} need {format_bytes(gp.within_bytes)}")
+        too_big = [u for u in gp.units if u.nbytes > room]
+        if too_big:
+            u = too_big[0]
             raise PlanError(
-                f"even the smallest block does not fit on rank {g * token_shards}: {what}, with "
+                f"even the smallest block does not fit on rank {g * token_shards}: one layer of model {u.a} "
+                f"against all neurons of model {u.m} needs {format_bytes(u.nbytes)}, with "
                 f"{format_bytes(gp.within_bytes)} of within-layer co-moments beside it, against a "
                 f"{format_bytes(max(budget_bytes, 0))} budget per rank. Use more ranks with fewer --token-shards, "
                 "devices with more memory, or raise --memory-budget if the estimate is too cautious."
             )
-        if cross:
-            n_passes = max(n_passes, _passes_needed([u.nbytes for u in cross], room))
+        if gp.units:
+            n_passes = max(n_passes, _passes_needed([u.nbytes for u in gp.units], room))
     for gp in groups:
-        cross = [u for u in gp.units if u.kind == CROSS]
-        gp.passes = [cross[s:e] for s, e in split_contiguous([u.nbytes for u in cross], n_passes)]
+        gp.passes = [gp.units[s:e] for s, e in split_contiguous([u.nbytes for u in gp.units], n_passes)]
     return ShardPlan(world, token_shards, groups, n_passes, budget_bytes)
 
 
@@ -291,7 +274,7 @@ def estimate_cost(plan: ShardPlan, *, tokens: int, forward_flops_per_token: list
     worst = (0.0, 0.0, 0.0)
     for gp in plan.groups:
         fwd = share * sum(forward_flops_per_token[i] for p in range(plan.n_passes) for i in gp.models_in_pass(p))
-        gemm = share * sum(u.nbytes for u in gp.units) / 2
+        gemm = share * (sum(u.nbytes for u in gp.units) + gp.within_bytes) / 2
         t = fwd / rates["forward_flops"] + gemm / rates["gemm_flops"]
         if t > worst[0]:
             worst = (t, fwd, gemm)
@@ -307,20 +290,21 @@ def estimate_cost(plan: ShardPlan, *, tokens: int, forward_flops_per_token: list
 
 
 def choose_token_shards(units: list[Unit], *, world: int, budget_bytes: int, tokens: int,
-                        forward_flops_per_token: list[float], n_neurons: list[int],
-                        device_type: str = "cpu") -> tuple[int, list[Cost]]:
+                        forward_flops_per_token: list[float], n_neurons: list[int], device_type: str = "cpu",
+                        within: dict[int, int] | None = None, reverse: bool = False) -> tuple[int, list[Cost]]:
     """The K (dividing ``world``) the cost model finds fastest; ties go to the smaller K. Also every option's cost,
     for the plan printed before streaming. Options whose units do not fit are skipped."""
     costs: list[Cost] = []
     for k in divisors(world):
         try:
-            plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget_bytes)
+            plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget_bytes, within=within,
+                                   reverse=reverse)
         except PlanError:
             continue
         costs.append(estimate_cost(plan, tokens=tokens, forward_flops_per_token=forward_flops_per_token,
                                    n_neurons=n_neurons, device_type=device_type))
     if not costs:  # nothing fits: let the plan with K = 1 raise its message
-        make_shard_plan(units, world=world, token_shards=1, budget_bytes=budget_bytes)
+        make_shard_plan(units, world=world, token_shards=1, budget_bytes=budget_bytes, within=within, reverse=reverse)
     best = min(costs, key=lambda c: (round(c.seconds, 9), c.token_shards))
     return best.token_shards, costs
 
