@@ -40,21 +40,33 @@ def _rank_main(fn, rank: int, world: int, tmp: str, args) -> None:
         os._exit(code)  # skip the forked copy of pytest's atexit machinery
 
 
-def spawn(fn, world: int, tmp_path: Path, *args, timeout: float = TIMEOUT_S) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` forked gloo ranks; return each rank's result (or raise)."""
+def start_ranks(fn, world: int, tmp_path: Path, *args) -> tuple[list, Path]:
+    """Fork ``world`` gloo ranks running ``fn(rank, world, *args)``; returns the processes and their folder."""
     tmp = tmp_path / f"dist-{time.monotonic_ns()}"
     tmp.mkdir()
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, str(tmp), args)) for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout
+    return procs, tmp
+
+
+def join_ranks(procs, timeout: float) -> float:
+    """Wait for every rank (killing any still alive after ``timeout``); returns the seconds waited."""
+    t0 = time.monotonic()
     for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
+        p.join(max(0.1, t0 + timeout - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
+    return time.monotonic() - t0
+
+
+def spawn(fn, world: int, tmp_path: Path, *args, timeout: float = TIMEOUT_S) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` forked gloo ranks; return each rank's result (or raise)."""
+    procs, tmp = start_ranks(fn, world, tmp_path, *args)
+    join_ranks(procs, timeout)
     errors = [f.read_text() for f in sorted(tmp.glob("rank*.err"))]
     if errors:
         raise AssertionError("a rank failed:\n" + "\n".join(errors))

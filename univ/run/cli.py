@@ -78,6 +78,9 @@ def register(subparsers) -> None:
                    help="also stream the analysed models' pre-activation moments and frequencies in this pass "
                         "(OUT/activation_stats.parquet, the columns of 'univ stats')")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own code (off by default)")
+    p.add_argument("--token-shards", type=int, default=None, metavar="K",
+                   help="under torchrun: K ranks split the token stream, world/K split the accumulators "
+                        "(default: the cost model's choice, see README)")
     p.set_defaults(func=main)
 
 
@@ -91,7 +94,7 @@ def config_from_args(args) -> CorrelateConfig:
         device=args.device, dtype=args.dtype, operand_dtype=args.operand_dtype, backend=args.backend, gemm=args.gemm,
         memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,
         save_state=not args.no_save_state, activation_stats=args.activation_stats,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, token_shards=args.token_shards,
     )
 
 

@@ -50,6 +50,7 @@ class CorrelateConfig:
     activation_stats: bool = False  # also stream the analysed models' activation statistics (univ stats)
     bins: int = 100
     trust_remote_code: bool = False
+    token_shards: int | None = None  # torchrun: ranks that split the token stream (default: the cost model's pick)
 
     def __post_init__(self):
         if len(self.models) < 2:
@@ -60,6 +61,8 @@ class CorrelateConfig:
             raise ConfigError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.tokens < 1 or self.batch_size < 1 or self.ctx < 2:
             raise ConfigError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
+        if self.token_shards is not None and self.token_shards < 1:
+            raise ConfigError("token_shards must be ≥ 1")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be a positive number of tokens")
         if self.paper_exact:

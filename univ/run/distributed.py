@@ -25,8 +25,21 @@ every K dividing the world size with this model and keeps the fastest (ties: the
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from univ.errors import Interrupted, Refused, UserError
+from univ_kernels.streaming import atomic_write_bytes
 
 # Rates of the cost model. Only their ratios matter for the choice of K; they are modelling assumptions for
 # ranking the options, not measurements (bench/bench_scaling.py measures what a machine does).
@@ -185,7 +198,7 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A unit cannot fit on a rank, or the world cannot be split as asked."""
 
 
@@ -328,3 +341,410 @@ def describe_shard_plan(plan: ShardPlan, costs: list[Cost] | None = None, labels
         lines.append("  cost model (busiest rank, whole run):")
         lines += [f"    {'*' if c.token_shards == k else ' '} {c.line()}" for c in costs]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run across ranks
+#
+# Every rank: load the models → the same plan (budget = the smallest rank's) → for each pass: read every batch,
+# forward and accumulate those of its token shard, agree after each batch whether to stop (one tiny all_reduce,
+# which also notices a dead rank) → at the pass end merge the group's token shards into the group root (Chan),
+# which finalizes the group's blocks → after the last pass reduce the per-neuron results over all ranks (max
+# with index, histograms summed) → rank 0 writes the outputs. Checkpoints: one unit per rank per generation,
+# OUT/distributed/gen-<g>/rank-<r>/, and OUT/distributed/manifest.json naming the last complete generation.
+
+ENV_TIMEOUT = "UNIV_DIST_TIMEOUT"  # seconds a collective waits for a dead or stuck rank before every rank fails
+DEFAULT_TIMEOUT_S = 300.0
+DIST_DIR = "distributed"
+MANIFEST = "manifest.json"
+MERGE_CHUNK_BYTES = 64 << 20  # token-shard merges go a slice of rows at a time: bounded extra memory
+
+
+def launched() -> bool:
+    """True under torchrun with more than one rank (or inside an initialized process group of several)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def refuse_distributed_state(out: Path) -> None:
+    """A single-process run must not start over, or resume, what a distributed run left in ``out``."""
+    manifest = out / DIST_DIR / MANIFEST
+    if manifest.exists():
+        world = json.loads(manifest.read_text()).get("world", "?")
+        raise Refused(f"{out} holds the checkpoint of a run across {world} ranks; resume it with "
+                      f"'torchrun --nproc-per-node {world} -m univ correlate ... --resume', or choose another --out")
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
+
+
+class RankFailed(UserError):
+    """Another rank died or stopped answering; the last complete checkpoint generation is intact."""
+
+
+def _init(cfg) -> tuple[torch.device, bool]:
+    """Join the group torchrun describes (env://): NCCL and one GPU per local rank on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    from univ.run.config import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    return device, True
+
+
+def run(cfg, *, resume: bool = False, progress: bool = True, log=print) -> Path:
+    """The correlate run of ``univ.run.driver.run``, on this rank of a torchrun job; every rank calls it."""
+    import torch.distributed as dist
+
+    device, created = _init(cfg)
+    try:
+        return _run(cfg, device, resume=resume, progress=progress, log=log)
+    except (dist.DistError, RuntimeError) as e:
+        if isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_ERRORS):
+            raise RankFailed(
+                f"rank {dist.get_rank()}: another rank of the distributed run failed or stopped answering "
+                f"({str(e).splitlines()[0][:160]}); the last complete checkpoint in {cfg.out} is intact: "
+                "rerun the same torchrun command with --resume") from e
+        raise
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_COMM_ERRORS = ("Connection closed", "Connection reset", "Timed out", "timed out", "gloo", "NCCL", "Broken pipe")
+
+
+class _Signals:
+    """SIGINT and SIGTERM (what schedulers send) set a flag; the ranks agree on it after each batch and stop there."""
+
+    def __init__(self):
+        self.stop = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _any(flag: bool, device: torch.device) -> bool:
+    """sync: every rank learns whether any rank asked to stop (and a dead rank shows up here, within the timeout)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Path:
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from univ.run.config import model_labels
+    from univ.run.driver import _next_checkpoint, load_models
+    from univ.run.finalize import finalize_pass
+    from univ.run.outputs import build_manifest, summary_text, write_outputs
+    from univ.run.plan import Block, Plan, available_memory, pairs_for, rotated_models
+    from univ.run.state import RunState, has_checkpoint
+    from univ.run.stream import process_batch, token_stream
+    from univ_kernels.streaming import default_operand_dtype
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = _comm_device(device)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
+    started = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ddir = out / DIST_DIR
+    if not resume and ((ddir / MANIFEST).exists() or has_checkpoint(out)):
+        raise Refused(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    manifest = _read_manifest(ddir, world, cfg) if resume else None
+
+    models = load_models(cfg, device)
+    labels = model_labels(cfg.models)
+    operand_dtype = getattr(torch, cfg.operand_dtype) if cfg.operand_dtype else \
+        default_operand_dtype(device, models[0].dtype)
+    n_layers, d_mlp = [lm.n_layers for lm in models], [lm.d_mlp for lm in models]
+    t_batch = cfg.batch_size * cfg.ctx
+    batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
+
+    # -- the plan: the same on every rank (smallest budget of any rank) ------------------------------------------
+    units = make_units(pairs_for(cfg.mode, len(models)), n_layers, d_mlp)
+    within = within_bytes(n_layers, d_mlp, rotated_models(cfg.mode, len(models)) if cfg.baseline != "none" else [])
+    reverse = cfg.mode == "all-pairs"
+    costs = None
+    if manifest is not None:
+        k, budget = manifest["token_shards"], manifest["budget_bytes"]
+    else:
+        if cfg.memory_budget_gb is not None:
+            budget = int(cfg.memory_budget_gb * 1e9)
+        else:
+            budget = int(0.9 * available_memory(device)) - batch_bytes
+        t = torch.tensor([budget], dtype=torch.int64, device=comm)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        budget = int(t.item())
+        flops = [2.0 * sum(p.numel() for p in lm.model.parameters()) for lm in models]
+        k_auto, costs = choose_token_shards(units, world=world, budget_bytes=budget, tokens=cfg.tokens,
+                                            forward_flops_per_token=flops, n_neurons=[lm.n_neurons for lm in models],
+                                            device_type=device.type, within=within, reverse=reverse)
+        k = cfg.token_shards or k_auto
+    plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget, within=within, reverse=reverse)
+    log(describe_shard_plan(plan, costs))
+    g = plan.group_of(rank)
+    gp = plan.groups[g]
+    root = plan.shard_of(rank) == 0
+    if cfg.activation_stats and (k > 1 or not set(analysed(cfg, len(models))) <= set(plan.groups[0].models_in_pass(0))):
+        raise UserError("--activation-stats in a distributed run needs --token-shards 1 and rank 0 forwarding every "
+                        "analysed model (--mode reference); run 'univ stats' on the finished run instead")
+    groups = [dist.new_group(plan.group_ranks(i)) for i in range(len(plan.groups))] if k > 1 else None
+    sub = groups[g] if groups else None
+
+    passes = [[Block(**b.__dict__) for grp in plan.groups for b in grp.blocks(p)] for p in range(plan.n_passes)]
+    mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
+    run_plan = Plan(passes, d_mlp, n_layers, budget, batch_bytes)
+    state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
+    state.within = {i: w for i, w in state.within.items() if i in gp.within}  # only the W this group rotates
+    if rank != 0:
+        state.act_stats = {}
+    generation = 0
+    if manifest is not None:
+        generation = manifest["generation"]
+        _load_unit(ddir, generation, rank, state, cfg, run_plan)
+        log(f"resuming generation {generation}: pass {state.pass_index + 1} after {state.tokens_done:,} tokens")
+    _agree_all_loaded(comm)
+    if rank == 0:
+        _remove_other_generations(ddir, generation if manifest is not None else None)
+
+    timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "merge_s": 0.0}
+    bar = tqdm(total=cfg.tokens * plan.n_passes, unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=not progress or rank != 0, initial=state.pass_index * cfg.tokens + state.tokens_done)
+    next_ckpt = _next_checkpoint(cfg, state.tokens_done)
+    tokens_seen = 0
+    with _Signals() as flag:
+        while not state.finished:
+            p = state.pass_index
+            active = set(gp.models_in_pass(p))
+            bar.set_description(f"pass {p + 1}/{plan.n_passes}")
+            for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
+                if active and plan.owns_batch(rank, state.batches_done):
+                    process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings,
+                                  active=active)
+                state.batches_done += 1
+                state.tokens_done += batch.n_kept  # every rank counts every batch: the same clock on all
+                bar.update(batch.n_kept)
+                if _any(flag.stop, comm):
+                    generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
+                    bar.close()
+                    raise Interrupted(f"interrupted after {state.tokens_done:,} tokens of pass {p + 1}; checkpoint "
+                                      f"generation {generation} written to {ddir}. Resume with the same torchrun "
+                                      "command and --resume.")
+                if next_ckpt is not None and state.tokens_done >= next_ckpt:
+                    generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
+                    next_ckpt = _next_checkpoint(cfg, state.tokens_done)
+            if state.tokens_done == 0:
+                raise UserError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+            t0 = time.perf_counter()
+            if sub is not None:
+                merge_token_shards(state, active, sub, within=p == 0)
+            timings["merge_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if root:
+                finalize_pass(state, cfg)
+                if cfg.save_state:
+                    _save_pass_state(out, state, rank)
+            timings["finalize_s"] += time.perf_counter() - t0
+            tokens_seen = state.tokens_done
+            state.start_pass(p + 1)
+            if not state.finished:
+                generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
+                next_ckpt = _next_checkpoint(cfg, 0)
+    bar.close()
+
+    t0 = time.perf_counter()
+    reduce_results(state)
+    timings["reduce_s"] = time.perf_counter() - t0
+    if rank == 0:
+        info = build_manifest(cfg, state, run_plan, models, labels, tokens_seen=tokens_seen, device=device,
+                              operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started)
+        info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict()}
+        table = write_outputs(out, state, models, labels, cfg, info)
+        shutil.rmtree(ddir, ignore_errors=True)
+        log(summary_text(table))
+        log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} ({world} ranks)")
+    _any(False, comm)  # every rank returns after rank 0 has written the outputs
+    return out
+
+
+def analysed(cfg, n_models: int) -> list[int]:
+    from univ.run.plan import analysed_models
+
+    return analysed_models(cfg.mode, n_models)
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+# -- merging the token shards of a group (Chan), a slice of rows at a time ---------------------------------------
+
+
+def _merge_block(c: torch.Tensor, mom_a, rows: slice, mom_b, cols: slice, group) -> None:
+    """C [rows, cols] of this rank's shard ← the whole group's, on the group root (others keep theirs).
+
+    Built on StreamingCorrelation's public state (``n``, ``c`` and each side's per-column tensors), sliced from
+    the run's ColumnMoments: how the kernels centre is their business. Rows are independent in Chan's
+    formula, so the merge goes MERGE_CHUNK_BYTES of C at a time.
+    """
+    import torch.distributed as dist
+
+    from univ_kernels import StreamingCorrelation
+    from univ_kernels.distributed import merge_across
+
+    side_a, side_b = mom_a.state_dict("a"), mom_b.state_dict("b")
+    b_state = {k: v[cols] for k, v in side_b.items()}
+    n_cols = c.shape[1]
+    step = max(1, MERGE_CHUNK_BYTES // (4 * n_cols))
+    for r0 in range(0, c.shape[0], step):
+        r1 = min(r0 + step, c.shape[0])
+        corr = StreamingCorrelation(r1 - r0, n_cols, device=c.device, operand_dtype=torch.float32)
+        a_rows = slice(rows.start + r0, rows.start + r1)
+        corr.load_state_dict({"n": torch.tensor(mom_a.n, dtype=torch.int64), "c": c[r0:r1],
+                              **{k: v[a_rows] for k, v in side_a.items()}, **b_state})
+        merge_across(corr, group, dst=0)
+        if dist.get_rank(group) == 0:
+            c[r0:r1].copy_(corr.state_dict()["c"])
+
+
+def merge_token_shards(state, models_used: set[int], group, *, within: bool) -> None:
+    """End of a pass: the group root ends with the group's whole stream in its blocks, W (pass 0) and moments."""
+    from univ_kernels.distributed import merge_across
+
+    plan = state.plan
+    for b in sorted(state.blocks, key=lambda b: b.key):  # the same order on every rank of the group
+        d_a = plan.d_mlp[b.a]
+        _merge_block(state.blocks[b], state.moments[b.a], slice(b.layer_start * d_a, b.layer_end * d_a),
+                     state.moments[b.m], slice(None), group)
+    if within:
+        for i in sorted(state.within):
+            d = plan.d_mlp[i]
+            for layer in range(plan.n_layers[i]):
+                sl = slice(layer * d, (layer + 1) * d)
+                _merge_block(state.within[i][layer], state.moments[i], sl, state.moments[i], sl, group)
+    for i in sorted(models_used):  # last: the blocks' merges read each shard's own moments
+        merge_across(state.moments[i], group, dst=0)
+
+
+def reduce_results(state) -> None:
+    """Per-neuron results and histograms of all ranks → every rank: max with index (ties to the smaller index,
+    as in one process), baseline max, histograms summed. O(neurons) numbers on the wire; r is never gathered."""
+    import torch.distributed as dist
+
+    from univ_kernels.distributed import all_sum, comm_device, reduce_extreme
+
+    for key in sorted(state.results):
+        res = state.results[key]
+        reduce_extreme(res["max"], res["arg"], largest=True)
+        base = torch.nan_to_num(res["base"].float(), nan=float("-inf")).to(comm_device())
+        dist.all_reduce(base, op=dist.ReduceOp.MAX)
+        res["base"] = base.cpu()
+    for key in sorted(state.hist):
+        all_sum(state.hist[key])
+
+
+# -- checkpoints: one unit per rank per generation, and a manifest ------------------------------------------------
+
+
+def _unit_dir(ddir: Path, generation: int, rank: int) -> Path:
+    return ddir / f"gen-{generation}" / f"rank-{rank}"
+
+
+def _checkpoint(ddir: Path, generation: int, state, cfg, plan: ShardPlan, rank: int, comm) -> int:
+    """Write this rank's unit of ``generation``; once every rank has, rank 0 points the manifest at it; then the
+    previous generation goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
+    from univ.run.state import write_checkpoint
+
+    unit = _unit_dir(ddir, generation, rank)
+    unit.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(unit, state, cfg)
+    _any(False, comm)  # sync: every rank's unit of this generation is on disk
+    if rank == 0:
+        info = {"generation": generation, "world": plan.world, "token_shards": plan.token_shards,
+                "budget_bytes": plan.budget_bytes, "pass_index": state.pass_index,
+                "batches_done": state.batches_done, "tokens_done": state.tokens_done, "fingerprint": cfg.fingerprint()}
+        atomic_write_bytes(ddir / MANIFEST, (json.dumps(info, indent=1, default=str) + "\n").encode())
+    _any(False, comm)  # sync: the manifest names this generation before any rank drops the previous one
+    shutil.rmtree(_unit_dir(ddir, generation - 1, rank), ignore_errors=True)
+    return generation
+
+
+def _read_manifest(ddir: Path, world: int, cfg) -> dict:
+    path = ddir / MANIFEST
+    if not path.exists():
+        raise UserError(f"--resume: no distributed checkpoint in {ddir.parent} (expected {DIST_DIR}/{MANIFEST}); "
+                        "start without --resume")
+    info = json.loads(path.read_text())
+    if info["world"] != world:
+        raise Refused(f"the checkpoint in {ddir.parent} was written by {info['world']} ranks, this run has {world}: "
+                      f"resume with 'torchrun --nproc-per-node {info['world']} ...' (re-sharding a checkpoint to "
+                      "another world size is not supported)")
+    if cfg.token_shards is not None and cfg.token_shards != info["token_shards"]:
+        raise Refused(f"the checkpoint in {ddir.parent} splits the tokens over {info['token_shards']} shards; "
+                      f"resume with --token-shards {info['token_shards']} (or without the option)")
+    return info
+
+
+def _load_unit(ddir: Path, generation: int, rank: int, state, cfg, run_plan) -> None:
+    from univ.run.state import read_checkpoint
+
+    unit = _unit_dir(ddir, generation, rank)
+    meta, tensors = read_checkpoint(unit, cfg)
+    if meta["plan"] != json.loads(json.dumps(run_plan.to_dict())):
+        raise Refused(f"{unit} was written for another plan of blocks than this run computes; resume with the "
+                      "original options, or choose another --out")
+    state.load(tensors, meta)
+
+
+def _agree_all_loaded(comm) -> None:
+    _any(False, comm)  # sync: no rank cleans up before every rank has read its unit
+
+
+def _remove_other_generations(ddir: Path, keep: int | None) -> None:
+    """Units of an unfinished generation (a crash before its manifest) or of older ones: never read again."""
+    if not ddir.exists():
+        return
+    for d in ddir.glob("gen-*"):
+        if keep is None or d.name != f"gen-{keep}":
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _save_pass_state(out: Path, state, rank: int) -> None:
+    """OUT/state/pass-<p>.rank-<r>.safetensors: the blocks (and W) this group root holds, for re-analysis."""
+    import safetensors.torch
+
+    state_dir = out / "state"
+    state_dir.mkdir(exist_ok=True)
+    tensors = {k: v for k, v in state.tensors().items() if not k.startswith(("result.", "hist."))}
+    atomic_write_bytes(state_dir / f"pass-{state.pass_index}.rank-{rank}.safetensors", safetensors.torch.save(tensors))

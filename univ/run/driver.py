@@ -49,13 +49,17 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, 
     holding another run, a checkpoint that does not match) or ``Interrupted`` (a signal; checkpoint written).
     """
     from univ.data import source_files
+    from univ.run import distributed  # under torchrun: one job across the ranks
 
+    if distributed.launched():
+        return distributed.run(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite discards it: pass one of them")
     data_files = source_files(cfg.data)  # a bad --data fails here, before anything slow
     out = Path(cfg.out)
     open_folder(out)
     with OutLock(out, log):
+        distributed.refuse_distributed_state(out, overwrite=overwrite)
         meta = prepare(out, resume=resume, overwrite=overwrite, log=log)
         try:
             device = resolve_device(cfg.device)

@@ -100,14 +100,20 @@ def stream_pass(state: RunState, models, cfg: CorrelateConfig, operand_dtype: to
 
 
 def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.Tensor, cfg: CorrelateConfig,
-                  operand_dtype: torch.dtype, timings: dict) -> None:
-    """Forward every model once, pre-pass each once, then update every block (and W on the first pass)."""
+                  operand_dtype: torch.dtype, timings: dict, active: set[int] | None = None) -> None:
+    """Forward every model once, pre-pass each once, then update every block (and W on the first pass).
+
+    ``active``: the models to forward (a distributed rank runs only those its blocks need); default all.
+    """
     from univ.models import collect_mlp_activations
 
     t0 = time.perf_counter()
     activation_dtype = getattr(torch, cfg.activation_dtype) if cfg.activation_dtype else None
     acts, pres = [], {}
     for i, lm in enumerate(models):
+        if active is not None and i not in active:
+            acts.append(None)
+            continue
         want_pre = state.pass_index == 0 and i in state.act_stats
         got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
         if want_pre:
@@ -118,7 +124,7 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
     try:
         prepped = [mom.prepare(x.to(state.device), operand_dtype=operand_dtype, backend=cfg.backend)
-                   for mom, x in zip(state.moments, acts, strict=True)]
+                   if x is not None else None for mom, x in zip(state.moments, acts, strict=True)]
     except ValueError as e:  # non-finite or overflowing activations: the models' numerics, not a bug of ours
         raise ActivationError(f"batch {state.batches_done + 1} of pass {state.pass_index + 1}: {e} "
                               "(e.g. --dtype float32 for a model that overflows in half precision)") from e
@@ -134,7 +140,8 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
                 update_pair(w[layer], prepped[i], prepped[i], rows=sl, cols=sl, backend=cfg.backend, gemm=cfg.gemm,
                             symmetric=True)  # upper triangle only: read W through symmetrize_upper
     for mom, p in zip(state.moments, prepped, strict=True):
-        mom.commit(p)
+        if p is not None:
+            mom.commit(p)
     for i, (pre, post) in pres.items():  # after the kernels' checks: a rejected batch changes nothing
         state.act_stats[i].update(pre, post)
     _sync(state.device)
