@@ -122,9 +122,18 @@ def test_token_shards_chosen_when_ranks_outnumber_blocks_or_memory_allows():
     total = sum(u.nbytes for u in units) + sum(within.values())
     k_roomy, _ = costs_for(units, 8, 2 * total, within)
     k_tight, costs = costs_for(units, 8, total // 6, within)  # full accumulators need passes: blocks spread instead
-    assert k_roomy == 8 and k_tight < 8
+    assert k_roomy >= 4 and k_tight < k_roomy  # forwards divided while the accumulators fit in one pass
     passes = {c.token_shards: c.n_passes for c in costs}
     assert passes[8] > passes[k_tight]  # the full accumulators on every rank would mean many passes
+
+
+def test_close_calls_go_to_the_smaller_k():
+    units = make_units([(0, m) for m in range(1, 5)], [12] * 5, [3072] * 5)
+    k, costs = costs_for(units, 8, 10**12, within_bytes([12] * 5, [3072] * 5, {1, 2, 3, 4}))
+    fastest = min(c.seconds for c in costs)
+    chosen = next(c for c in costs if c.token_shards == k)
+    assert chosen.seconds <= 1.05 * fastest
+    assert all(c.seconds > 1.05 * fastest for c in costs if c.token_shards < k)
 
 
 def test_describe_lists_every_rank_and_the_costs():

@@ -20,7 +20,8 @@ GPT-2-small (36,864 neurons, f ≈ 2·124e6): one pair's GEMM is 2·36,864² ≈
 forwards; split over N ranks by blocks alone, each rank still runs its two forwards, so the forward share
 grows with N (2 forwards against 11/N forwards of GEMM). Token shards divide the forwards too but every
 rank of a group holds the group's accumulators and the merge sends them. ``choose_token_shards`` evaluates
-every K dividing the world size with this model and keeps the fastest (ties: the smaller K, less traffic).
+every K dividing the world size with this model and keeps the fastest (within 5 %: the smaller K, which holds
+and sends less).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ RATES = {
     "cuda": {"gemm_flops": 4e14, "forward_flops": 1.5e14, "comm_bytes": 5e10},  # fp16 cuBLAS, HF forward, NCCL
     "cpu": {"gemm_flops": 5e10, "forward_flops": 2e10, "comm_bytes": 1e9},  # BLAS sgemm, eager forward, gloo/TCP
 }
+
+
+CLOSE_CALL = 0.05  # options within 5 % of the fastest estimate count as ties
 
 
 @dataclass(frozen=True)
@@ -305,8 +309,9 @@ def estimate_cost(plan: ShardPlan, *, tokens: int, forward_flops_per_token: list
 def choose_token_shards(units: list[Unit], *, world: int, budget_bytes: int, tokens: int,
                         forward_flops_per_token: list[float], n_neurons: list[int], device_type: str = "cpu",
                         within: dict[int, int] | None = None, reverse: bool = False) -> tuple[int, list[Cost]]:
-    """The K (dividing ``world``) the cost model finds fastest; ties go to the smaller K. Also every option's cost,
-    for the plan printed before streaming. Options whose units do not fit are skipped."""
+    """The K (dividing ``world``) the cost model finds fastest; within CLOSE_CALL of the fastest, the smallest such K
+    (less memory and traffic: the model's rates are rough). Also every option's cost, for the plan printed before
+    streaming. Options whose units do not fit are skipped."""
     costs: list[Cost] = []
     for k in divisors(world):
         try:
@@ -318,7 +323,8 @@ def choose_token_shards(units: list[Unit], *, world: int, budget_bytes: int, tok
                                    n_neurons=n_neurons, device_type=device_type))
     if not costs:  # nothing fits: let the plan with K = 1 raise its message
         make_shard_plan(units, world=world, token_shards=1, budget_bytes=budget_bytes, within=within, reverse=reverse)
-    best = min(costs, key=lambda c: (round(c.seconds, 9), c.token_shards))
+    fastest = min(c.seconds for c in costs)
+    best = min((c for c in costs if c.seconds <= (1 + CLOSE_CALL) * fastest), key=lambda c: c.token_shards)
     return best.token_shards, costs
 
 
@@ -538,7 +544,7 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
     if rank == 0:
         _remove_other_generations(ddir, generation if manifest is not None else None)
 
-    timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "merge_s": 0.0}
+    timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "merge_s": 0.0, "sync_s": 0.0, "stream_s": 0.0}
     bar = tqdm(total=cfg.tokens * plan.n_passes, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not progress or rank != 0, initial=state.pass_index * cfg.tokens + state.tokens_done)
     next_ckpt = _next_checkpoint(cfg, state.tokens_done)
@@ -548,6 +554,7 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
             p = state.pass_index
             active = set(gp.models_in_pass(p))
             bar.set_description(f"pass {p + 1}/{plan.n_passes}")
+            t_pass = time.perf_counter()
             for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
                 if active and plan.owns_batch(rank, state.batches_done):
                     process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings,
@@ -555,7 +562,10 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
                 state.batches_done += 1
                 state.tokens_done += batch.n_kept  # every rank counts every batch: the same clock on all
                 bar.update(batch.n_kept)
-                if _any(flag.stop, comm):
+                t_sync = time.perf_counter()
+                stop = _any(flag.stop, comm)
+                timings["sync_s"] += time.perf_counter() - t_sync  # includes waiting for the slowest rank
+                if stop:
                     generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
                     bar.close()
                     raise Interrupted(f"interrupted after {state.tokens_done:,} tokens of pass {p + 1}; checkpoint "
@@ -564,6 +574,7 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
                 if next_ckpt is not None and state.tokens_done >= next_ckpt:
                     generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
                     next_ckpt = _next_checkpoint(cfg, state.tokens_done)
+            timings["stream_s"] += time.perf_counter() - t_pass
             if state.tokens_done == 0:
                 raise UserError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
             t0 = time.perf_counter()
@@ -586,16 +597,26 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
     t0 = time.perf_counter()
     reduce_results(state)
     timings["reduce_s"] = time.perf_counter() - t0
+    per_rank = [None] * world  # what each rank did and held, for run.json (and bench/bench_scaling.py)
+    dist.all_gather_object(per_rank, {"timings": {k: round(v, 4) for k, v in timings.items()},
+                                      "accumulator_bytes": plan.rank_bytes(rank), "peak_rss_bytes": _peak_rss(),
+                                      "models_forwarded": gp.models})
     if rank == 0:
         info = build_manifest(cfg, state, run_plan, models, labels, tokens_seen=tokens_seen, device=device,
                               operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started)
-        info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict()}
+        info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict(), "ranks": per_rank}
         table = write_outputs(out, state, models, labels, cfg, info)
         shutil.rmtree(ddir, ignore_errors=True)
         log(summary_text(table))
         log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} ({world} ranks)")
     _any(False, comm)  # every rank returns after rank 0 has written the outputs
     return out
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
 def analysed(cfg, n_models: int) -> list[int]:
