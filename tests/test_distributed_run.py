@@ -49,9 +49,12 @@ def single(cfg: dict) -> Path:
     return run(CorrelateConfig(**cfg), progress=False, log=lambda *a: None)
 
 
-def _rank_run(rank, world, cfg: dict, slow: float = 0.0):
+def _rank_run(rank, world, cfg: dict, slow: float = 0.0, fault: tuple[int, int] | None = None):
     import univ.run.stream as stream
     from univ.run.distributed import run
+
+    if fault and fault[0] == rank:  # this rank SIGKILLs itself right after its k-th file write (univ.run.files)
+        os.environ["UNIV_FAULT_AFTER_WRITE"] = str(fault[1])
 
     if slow:  # a slower stream, so that a test can act mid-run; streaming-<rank> marks the first batch
         inner = stream.process_batch
@@ -157,6 +160,44 @@ def test_killed_rank_ends_every_rank_then_resume_equals_uninterrupted(zoo, tmp_p
     assert not (tmp_path / "d" / "neurons.parquet").exists()
     _resume(cfg, tmp_path)
     assert_same_outputs(tmp_path / "d", tmp_path / "full", atol=0.0)
+
+
+@pytest.mark.parametrize("fault", [(1, 3), (0, 4)])  # rank 1 after its 3rd unit; rank 0 after the 2nd manifest
+def test_a_generation_counts_only_when_every_rank_wrote_it(zoo, tmp_path, fault):
+    cfg = config(zoo, "gpt2", tmp_path / "d", token_shards=2, checkpoint_every=200)
+    spawn(_rank_run, 2, tmp_path, {**cfg, "out": str(tmp_path / "full")})
+    procs, _ = start_ranks(_rank_run, 2, tmp_path, cfg, 0.0, fault)
+    join_ranks(procs, timeout=60)
+    assert procs[fault[0]].exitcode == -signal.SIGKILL and procs[1 - fault[0]].exitcode not in (0, None)
+    assert json.loads((tmp_path / "d" / DIST_DIR / MANIFEST).read_text())["generation"] == 2
+    _resume(cfg, tmp_path)
+    assert_same_outputs(tmp_path / "d", tmp_path / "full", atol=0.0)
+
+
+def _rank_resume_corrupt(rank, world, cfg: dict):
+    from univ.run.distributed import run
+
+    try:
+        run(CorrelateConfig(**cfg), resume=True, progress=False, log=lambda *a: None)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"ok": True}
+
+
+def test_a_corrupt_rank_unit_is_refused_on_every_rank(zoo, tmp_path):
+    cfg = config(zoo, "gpt2", tmp_path / "d", token_shards=1)
+    procs, _ = start_ranks(_rank_run, 2, tmp_path, cfg, 0.15)
+    wait_streaming(tmp_path / "d", 2, procs)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    join_ranks(procs, timeout=40)
+    unit = next((tmp_path / "d" / DIST_DIR).glob("gen-*/rank-1.safetensors"))
+    data = bytearray(unit.read_bytes())
+    data[-5] ^= 0x40  # one flipped bit in the last tensor's bytes
+    unit.write_bytes(bytes(data))
+    results = spawn(_rank_resume_corrupt, 2, tmp_path, cfg)
+    assert all(r.get("error", "").startswith("Refused: checkpoint unusable") for r in results), results
+    assert all("rank-1.safetensors" in r["error"] for r in results)
 
 
 def _rank_resume(rank, world, cfg: dict):

@@ -30,9 +30,8 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +39,6 @@ from pathlib import Path
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ_kernels.streaming import atomic_write_bytes
 
 # Rates of the cost model. Only their ratios matter for the choice of K; they are modelling assumptions for
 # ranking the options, not measurements (bench/bench_scaling.py measures what a machine does).
@@ -354,16 +352,19 @@ def describe_shard_plan(plan: ShardPlan, costs: list[Cost] | None = None, labels
 #
 # Every rank: load the models → the same plan (budget = the smallest rank's) → for each pass: read every batch,
 # forward and accumulate those of its token shard, agree after each batch whether to stop (one tiny all_reduce,
-# which also notices a dead rank) → at the pass end merge the group's token shards into the group root (Chan),
-# which finalizes the group's blocks → after the last pass reduce the per-neuron results over all ranks (max
-# with index, histograms summed) → rank 0 writes the outputs. Checkpoints: one unit per rank per generation,
-# OUT/distributed/gen-<g>/rank-<r>/, and OUT/distributed/manifest.json naming the last complete generation.
+# which also notices a dead rank) → checkpoint at the pass's end → merge the group's token shards into the group
+# root (Chan), which finalizes the group's blocks → after the last pass reduce the per-neuron results over all
+# ranks (max with index, histograms summed) → rank 0 writes the outputs (holding the lock on OUT throughout).
+# Checkpoints: one checksummed file per rank per generation, OUT/distributed/gen-<g>/rank-<r>.safetensors, and
+# OUT/distributed/manifest.json naming the last generation every rank finished.
 
 ENV_TIMEOUT = "UNIV_DIST_TIMEOUT"  # seconds a collective waits for a dead or stuck rank before every rank fails
 DEFAULT_TIMEOUT_S = 300.0
 DIST_DIR = "distributed"
 MANIFEST = "manifest.json"
+UNIT_KIND, UNIT_VERSION = "univ.correlate.rank-checkpoint", 1
 MERGE_CHUNK_BYTES = 64 << 20  # token-shard merges go a slice of rows at a time: bounded extra memory
+_COMM_ERRORS = ("Connection closed", "Connection reset", "Timed out", "timed out", "gloo", "NCCL", "Broken pipe")
 
 
 def launched() -> bool:
@@ -375,13 +376,18 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def refuse_distributed_state(out: Path) -> None:
-    """A single-process run must not start over, or resume, what a distributed run left in ``out``."""
-    manifest = out / DIST_DIR / MANIFEST
-    if manifest.exists():
-        world = json.loads(manifest.read_text()).get("world", "?")
+def refuse_distributed_state(out: Path, *, overwrite: bool = False) -> None:
+    """A single-process run must not resume or start over what a distributed run left in ``out`` (unless
+    ``--overwrite``, which removes it)."""
+    ddir = out / DIST_DIR
+    if overwrite:
+        shutil.rmtree(ddir, ignore_errors=True)
+        return
+    if (ddir / MANIFEST).exists():
+        world = json.loads((ddir / MANIFEST).read_text()).get("world", "?")
         raise Refused(f"{out} holds the checkpoint of a run across {world} ranks; resume it with "
-                      f"'torchrun --nproc-per-node {world} -m univ correlate ... --resume', or choose another --out")
+                      f"'torchrun --nproc-per-node {world} -m univ correlate ... --resume', pass --overwrite to "
+                      "discard it, or choose another --out")
 
 
 def timeout_s() -> float:
@@ -398,7 +404,10 @@ def _init(cfg) -> tuple[torch.device, bool]:
 
     from univ.run.config import resolve_device
 
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
@@ -410,13 +419,15 @@ def _init(cfg) -> tuple[torch.device, bool]:
     return device, True
 
 
-def run(cfg, *, resume: bool = False, progress: bool = True, log=print) -> Path:
+def run(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> Path:
     """The correlate run of ``univ.run.driver.run``, on this rank of a torchrun job; every rank calls it."""
     import torch.distributed as dist
 
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite discards it: pass one of them")
     device, created = _init(cfg)
     try:
-        return _run(cfg, device, resume=resume, progress=progress, log=log)
+        return _run(cfg, device, resume=resume, overwrite=overwrite, progress=progress, log=log)
     except (dist.DistError, RuntimeError) as e:
         if isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_ERRORS):
             raise RankFailed(
@@ -429,32 +440,6 @@ def run(cfg, *, resume: bool = False, progress: bool = True, log=print) -> Path:
             dist.destroy_process_group()
 
 
-_COMM_ERRORS = ("Connection closed", "Connection reset", "Timed out", "timed out", "gloo", "NCCL", "Broken pipe")
-
-
-class _Signals:
-    """SIGINT and SIGTERM (what schedulers send) set a flag; the ranks agree on it after each batch and stop there."""
-
-    def __init__(self):
-        self.stop = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def _any(flag: bool, device: torch.device) -> bool:
     """sync: every rank learns whether any rank asked to stop (and a dead rank shows up here, within the timeout)."""
     import torch.distributed as dist
@@ -464,16 +449,83 @@ def _any(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Path:
+def _together(fn, *args, **kwargs):
+    """Run ``fn`` on every rank; if it raised a UserError on any rank, raise that error (the lowest rank's) on all
+    of them, so that one rank's refusal is every rank's one-line message instead of a hang."""
+    import torch.distributed as dist
+
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        error = (type(e).__name__, str(e))
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        cls = {"Refused": Refused, "Interrupted": Interrupted}.get(first[0], UserError)
+        raise cls(first[1])
+    return result
+
+
+def _prepare(out: Path, ddir: Path, *, rank: int, resume: bool, overwrite: bool, log) -> dict | None:
+    """What the folder holds, checked by every rank (a shared --out); rank 0 removes what --overwrite discards."""
+    from univ.run import checkpoint
+    from univ.run.folder import MANIFEST as RUN_JSON
+    from univ.run.folder import remove_outputs
+    from univ_kernels.io import remove_stale_temps
+
+    if rank == 0:
+        for d in (out, out / "state"):
+            for p in remove_stale_temps(d):
+                log(f"note: removed {p.name}, a temporary file left by an interrupted write")
+        if overwrite:
+            remove_outputs(out, log)
+            checkpoint.remove(out)
+            shutil.rmtree(ddir, ignore_errors=True)
+    if overwrite:
+        return None
+    finished, unfinished = (out / RUN_JSON).exists(), (ddir / MANIFEST).exists()
+    if resume:
+        if not unfinished:
+            if finished:
+                raise Refused(f"--resume: the run in {out} already finished (run.json); nothing to resume. "
+                              "To run it again, pass --overwrite instead")
+            raise UserError(f"--resume: no distributed checkpoint in {out} (expected {DIST_DIR}/{MANIFEST}); "
+                            "start without --resume")
+        return json.loads((ddir / MANIFEST).read_text())
+    if unfinished or checkpoint.exists(out):
+        raise Refused(f"{out} holds an unfinished run: pass --resume to continue it, --overwrite to discard it, "
+                      "or choose another --out")
+    if finished:
+        raise Refused(f"{out} holds a finished run (run.json): pass --overwrite to replace it, or choose another "
+                      "--out")
+    return None
+
+
+def _check_resume(manifest: dict, world: int, cfg, out: Path) -> None:
+    if manifest.get("world") != world:
+        raise Refused(f"the checkpoint in {out} was written by {manifest.get('world')} ranks, this run has {world}: "
+                      f"resume with 'torchrun --nproc-per-node {manifest.get('world')} ...' (re-sharding a "
+                      "checkpoint to another world size is not supported)")
+    if cfg.token_shards is not None and cfg.token_shards != manifest["token_shards"]:
+        raise Refused(f"the checkpoint in {out} splits the tokens over {manifest['token_shards']} shards; "
+                      f"resume with --token-shards {manifest['token_shards']} (or without the option)")
+
+
+def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: bool, log) -> Path:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
+    from univ.data import source_files
+    from univ.run import identity, stream
     from univ.run.config import model_labels
     from univ.run.driver import _next_checkpoint, load_models
     from univ.run.finalize import finalize_pass
+    from univ.run.folder import OutLock, open_folder
     from univ.run.outputs import build_manifest, summary_text, write_outputs
     from univ.run.plan import Block, Plan, available_memory, pairs_for, rotated_models
-    from univ.run.state import RunState, has_checkpoint
+    from univ.run.state import RunState
     from univ.run.stream import process_batch, token_stream
     from univ_kernels.streaming import default_operand_dtype
 
@@ -483,134 +535,181 @@ def _run(cfg, device: torch.device, *, resume: bool, progress: bool, log) -> Pat
         log = lambda *a, **k: None  # noqa: E731
     started = time.time()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ddir = out / DIST_DIR
-    if not resume and ((ddir / MANIFEST).exists() or has_checkpoint(out)):
-        raise Refused(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
-    manifest = _read_manifest(ddir, world, cfg) if resume else None
-
-    models = load_models(cfg, device)
-    labels = model_labels(cfg.models)
-    operand_dtype = getattr(torch, cfg.operand_dtype) if cfg.operand_dtype else \
-        default_operand_dtype(device, models[0].dtype)
-    n_layers, d_mlp = [lm.n_layers for lm in models], [lm.d_mlp for lm in models]
-    t_batch = cfg.batch_size * cfg.ctx
-    batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
-
-    # -- the plan: the same on every rank (smallest budget of any rank) ------------------------------------------
-    units = make_units(pairs_for(cfg.mode, len(models)), n_layers, d_mlp)
-    within = within_bytes(n_layers, d_mlp, rotated_models(cfg.mode, len(models)) if cfg.baseline != "none" else [])
-    reverse = cfg.mode == "all-pairs"
-    costs = None
-    if manifest is not None:
-        k, budget = manifest["token_shards"], manifest["budget_bytes"]
-    else:
-        if cfg.memory_budget_gb is not None:
-            budget = int(cfg.memory_budget_gb * 1e9)
+    data_files = _together(source_files, cfg.data)  # a bad --data fails here, on every rank, before anything slow
+    _together(open_folder, out)
+    with ExitStack() as held:
+        if rank == 0:  # one writer per folder: the job (rank 0 holds the lock for all ranks)
+            _together(lambda: held.enter_context(OutLock(out, log)))
         else:
-            budget = int(0.9 * available_memory(device)) - batch_bytes
-        t = torch.tensor([budget], dtype=torch.int64, device=comm)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        budget = int(t.item())
-        flops = [2.0 * sum(p.numel() for p in lm.model.parameters()) for lm in models]
-        k_auto, costs = choose_token_shards(units, world=world, budget_bytes=budget, tokens=cfg.tokens,
-                                            forward_flops_per_token=flops, n_neurons=[lm.n_neurons for lm in models],
-                                            device_type=device.type, within=within, reverse=reverse)
-        k = cfg.token_shards or k_auto
-    plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget, within=within, reverse=reverse)
-    log(describe_shard_plan(plan, costs))
-    g = plan.group_of(rank)
-    gp = plan.groups[g]
-    root = plan.shard_of(rank) == 0
-    if cfg.activation_stats and (k > 1 or not set(analysed(cfg, len(models))) <= set(plan.groups[0].models_in_pass(0))):
-        raise UserError("--activation-stats in a distributed run needs --token-shards 1 and rank 0 forwarding every "
-                        "analysed model (--mode reference); run 'univ stats' on the finished run instead")
-    groups = [dist.new_group(plan.group_ranks(i)) for i in range(len(plan.groups))] if k > 1 else None
-    sub = groups[g] if groups else None
+            _together(lambda: None)
+        _any(False, comm)  # sync: rank 0's removals (--overwrite, stale temps) happen before anyone looks
+        manifest = _together(_prepare, out, ddir, rank=rank, resume=resume, overwrite=overwrite, log=log)
+        if manifest is not None:
+            _together(_check_resume, manifest, world, cfg, out)
 
-    passes = [[Block(**b.__dict__) for grp in plan.groups for b in grp.blocks(p)] for p in range(plan.n_passes)]
-    mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
-    run_plan = Plan(passes, d_mlp, n_layers, budget, batch_bytes)
-    state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
-    state.within = {i: w for i, w in state.within.items() if i in gp.within}  # only the W this group rotates
-    if rank != 0:
-        state.act_stats = {}
-    generation = 0
-    if manifest is not None:
-        generation = manifest["generation"]
-        _load_unit(ddir, generation, rank, state, cfg, run_plan)
-        log(f"resuming generation {generation}: pass {state.pass_index + 1} after {state.tokens_done:,} tokens")
-    _agree_all_loaded(comm)
-    if rank == 0:
-        _remove_other_generations(ddir, generation if manifest is not None else None)
+        models = _together(load_models, cfg, device)
+        fingerprint = None
+        if rank == 0:
+            fingerprint = {"options": identity.fingerprint(cfg, [], data_files)["options"],
+                           "models": [identity.model_fingerprint(lm) for lm in models],
+                           "data": identity.data_fingerprint(cfg, data_files)}
+        fingerprint = _bcast(fingerprint)
+        if manifest is not None:
+            diffs = identity.differences(manifest["fingerprint"], fingerprint)
+            if diffs:
+                raise Refused(f"--resume: the checkpoint in {out} was written for another run: " + "; ".join(diffs)
+                              + ". Resume with the original models, data and options, or pass --overwrite")
+        ident = {"run_id": manifest["run_id"] if manifest else _bcast(identity.new_run_id() if rank == 0 else None),
+                 "fingerprint": fingerprint}
 
-    timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "merge_s": 0.0, "sync_s": 0.0, "stream_s": 0.0}
-    bar = tqdm(total=cfg.tokens * plan.n_passes, unit="tok", unit_scale=True, dynamic_ncols=True,
-               disable=not progress or rank != 0, initial=state.pass_index * cfg.tokens + state.tokens_done)
-    next_ckpt = _next_checkpoint(cfg, state.tokens_done)
-    tokens_seen = 0
-    with _Signals() as flag:
-        while not state.finished:
-            p = state.pass_index
-            active = set(gp.models_in_pass(p))
-            bar.set_description(f"pass {p + 1}/{plan.n_passes}")
-            t_pass = time.perf_counter()
-            for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
-                if active and plan.owns_batch(rank, state.batches_done):
-                    process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings,
-                                  active=active)
-                state.batches_done += 1
-                state.tokens_done += batch.n_kept  # every rank counts every batch: the same clock on all
-                bar.update(batch.n_kept)
-                t_sync = time.perf_counter()
-                stop = _any(flag.stop, comm)
-                timings["sync_s"] += time.perf_counter() - t_sync  # includes waiting for the slowest rank
-                if stop:
-                    generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
-                    bar.close()
-                    raise Interrupted(f"interrupted after {state.tokens_done:,} tokens of pass {p + 1}; checkpoint "
-                                      f"generation {generation} written to {ddir}. Resume with the same torchrun "
-                                      "command and --resume.")
-                if next_ckpt is not None and state.tokens_done >= next_ckpt:
-                    generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
-                    next_ckpt = _next_checkpoint(cfg, state.tokens_done)
-            timings["stream_s"] += time.perf_counter() - t_pass
-            if state.tokens_done == 0:
-                raise UserError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+        labels = model_labels(cfg.models)
+        operand_dtype = getattr(torch, cfg.operand_dtype) if cfg.operand_dtype else \
+            default_operand_dtype(device, models[0].dtype)
+        n_layers, d_mlp = [lm.n_layers for lm in models], [lm.d_mlp for lm in models]
+        t_batch = cfg.batch_size * cfg.ctx
+        batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
+
+        # -- the plan: the same on every rank (smallest budget of any rank) --------------------------------------
+        units = make_units(pairs_for(cfg.mode, len(models)), n_layers, d_mlp)
+        within = within_bytes(n_layers, d_mlp, rotated_models(cfg.mode, len(models)) if cfg.baseline != "none" else [])
+        reverse = cfg.mode == "all-pairs"
+        costs = None
+        if manifest is not None:
+            k, budget = manifest["token_shards"], manifest["budget_bytes"]
+        else:
+            if cfg.memory_budget_gb is not None:
+                budget = int(cfg.memory_budget_gb * 1e9)
+            else:
+                budget = int(0.9 * available_memory(device)) - batch_bytes
+            t = torch.tensor([budget], dtype=torch.int64, device=comm)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            budget = int(t.item())
+            flops = [2.0 * sum(p.numel() for p in lm.model.parameters()) for lm in models]
+            k_auto, costs = choose_token_shards(units, world=world, budget_bytes=budget, tokens=cfg.tokens,
+                                                forward_flops_per_token=flops,
+                                                n_neurons=[lm.n_neurons for lm in models],
+                                                device_type=device.type, within=within, reverse=reverse)
+            k = cfg.token_shards or k_auto
+        plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget, within=within, reverse=reverse)
+        log(describe_shard_plan(plan, costs))
+        g = plan.group_of(rank)
+        gp = plan.groups[g]
+        root = plan.shard_of(rank) == 0
+        if cfg.activation_stats and (k > 1 or not set(_analysed(cfg, len(models))) <= set(
+                plan.groups[0].models_in_pass(0))):
+            raise UserError("--activation-stats in a distributed run needs --token-shards 1 and rank 0 forwarding "
+                            "every analysed model (--mode reference); run 'univ stats' on the finished run instead")
+        groups = [dist.new_group(plan.group_ranks(i)) for i in range(len(plan.groups))] if k > 1 else None
+        sub = groups[g] if groups else None
+
+        passes = [[Block(**b.__dict__) for grp in plan.groups for b in grp.blocks(p)] for p in range(plan.n_passes)]
+        mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
+        run_plan = Plan(passes, d_mlp, n_layers, budget, batch_bytes)
+        state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
+        state.within = {i: w for i, w in state.within.items() if i in gp.within}  # only the W this group rotates
+        if rank != 0:
+            state.act_stats = {}
+        if manifest is not None:
+            _together(_load_unit, ddir, manifest, rank, state, cfg, run_plan)
+            where = "the end of its stream" if state.streamed else f"{state.tokens_done:,} tokens"
+            log(f"resuming generation {state.generation}: pass {state.pass_index + 1} after {where}")
+        _any(False, comm)  # sync: every rank has read its unit before rank 0 cleans up
+        if rank == 0:
+            _remove_other_generations(ddir, state.generation if manifest is not None else None)
+
+        timings = {k_: 0.0 for k_ in ("forward_s", "kernels_s", "finalize_s", "merge_s", "sync_s", "stream_s")}
+        bar = tqdm(total=cfg.tokens * plan.n_passes, unit="tok", unit_scale=True, dynamic_ncols=True,
+                   disable=not progress or rank != 0, initial=state.pass_index * cfg.tokens + state.tokens_done)
+        next_ckpt = _next_checkpoint(cfg, state.tokens_done)
+        tokens_seen = 0
+
+        def checkpoint() -> None:
+            _checkpoint(ddir, state, cfg, plan, ident, rank, comm)
+
+        def interrupted(flag) -> Interrupted:
+            bar.close()
+            return Interrupted(f"interrupted by {flag.signal_name or 'a signal on another rank'} in pass "
+                               f"{state.pass_index + 1} of {state.n_passes} ({state.tokens_done:,} tokens in); "
+                               f"checkpoint generation {state.generation} written to {ddir}. Resume with the same "
+                               "torchrun command and --resume.")
+
+        with stream.StopFlag() as flag:
+            while not state.finished:
+                p = state.pass_index
+                active = set(gp.models_in_pass(p))
+                bar.set_description(f"pass {p + 1}/{plan.n_passes}")
+                if not state.streamed:
+                    t_pass = time.perf_counter()
+                    for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
+                        if active and plan.owns_batch(rank, state.batches_done):
+                            process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings,
+                                          active=active)
+                        state.batches_done += 1
+                        state.tokens_done += batch.n_kept  # every rank counts every batch: one clock for all
+                        bar.update(batch.n_kept)
+                        t_sync = time.perf_counter()
+                        stop = _any(flag.stop, comm)
+                        timings["sync_s"] += time.perf_counter() - t_sync  # includes waiting for the slowest rank
+                        if stop:
+                            checkpoint()
+                            raise interrupted(flag)
+                        if next_ckpt is not None and next_ckpt <= state.tokens_done < cfg.tokens:
+                            checkpoint()
+                            next_ckpt = _next_checkpoint(cfg, state.tokens_done)
+                    timings["stream_s"] += time.perf_counter() - t_pass
+                    if state.tokens_done == 0:
+                        raise UserError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position "
+                                        "excluded?")
+                    state.streamed = True
+                    checkpoint()  # merge, finalize and the outputs can be retried from here
+                t0 = time.perf_counter()
+                if sub is not None:
+                    merge_token_shards(state, active, sub, within=p == 0)
+                timings["merge_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if root:
+                    finalize_pass(state, cfg)
+                    if cfg.save_state:
+                        _save_pass_state(out, state, rank, ident)
+                timings["finalize_s"] += time.perf_counter() - t0
+                tokens_seen = state.tokens_done
+                state.start_pass(p + 1)
+                if not state.finished:
+                    checkpoint()
+                    next_ckpt = _next_checkpoint(cfg, 0)
+                    if _any(flag.stop, comm):
+                        raise interrupted(flag)
+            bar.close()
+
             t0 = time.perf_counter()
-            if sub is not None:
-                merge_token_shards(state, active, sub, within=p == 0)
-            timings["merge_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if root:
-                finalize_pass(state, cfg)
-                if cfg.save_state:
-                    _save_pass_state(out, state, rank)
-            timings["finalize_s"] += time.perf_counter() - t0
-            tokens_seen = state.tokens_done
-            state.start_pass(p + 1)
-            if not state.finished:
-                generation = _checkpoint(ddir, generation + 1, state, cfg, plan, rank, comm)
-                next_ckpt = _next_checkpoint(cfg, 0)
-    bar.close()
-
-    t0 = time.perf_counter()
-    reduce_results(state)
-    timings["reduce_s"] = time.perf_counter() - t0
-    per_rank = [None] * world  # what each rank did and held, for run.json (and bench/bench_scaling.py)
-    dist.all_gather_object(per_rank, {"timings": {k: round(v, 4) for k, v in timings.items()},
-                                      "accumulator_bytes": plan.rank_bytes(rank), "peak_rss_bytes": _peak_rss(),
-                                      "models_forwarded": gp.models})
-    if rank == 0:
-        info = build_manifest(cfg, state, run_plan, models, labels, tokens_seen=tokens_seen, device=device,
-                              operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started)
-        info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict(), "ranks": per_rank}
-        table = write_outputs(out, state, models, labels, cfg, info)
-        shutil.rmtree(ddir, ignore_errors=True)
-        log(summary_text(table))
-        log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} ({world} ranks)")
-    _any(False, comm)  # every rank returns after rank 0 has written the outputs
+            reduce_results(state)
+            timings["reduce_s"] = time.perf_counter() - t0
+            per_rank: list = [None] * world  # what each rank did and held, for run.json and bench/bench_scaling.py
+            dist.all_gather_object(per_rank, {"timings": {k_: round(v, 4) for k_, v in timings.items()},
+                                              "accumulator_bytes": plan.rank_bytes(rank), "peak_rss_bytes": _peak_rss(),
+                                              "models_forwarded": gp.models})
+            if rank == 0:
+                info = build_manifest(cfg, state, run_plan, models, labels, tokens_seen=tokens_seen, device=device,
+                                      operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
+                                      run_id=ident["run_id"], fingerprint=fingerprint)
+                info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict(),
+                                       "ranks": per_rank}
+                table = write_outputs(out, state, models, labels, cfg, info)
+                shutil.rmtree(ddir, ignore_errors=True)
+                log(summary_text(table))
+                log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} ({world} ranks, run id "
+                    f"{ident['run_id']})")
+            _any(False, comm)  # every rank returns after rank 0 has written the outputs
     return out
+
+
+def _bcast(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _peak_rss() -> int:
@@ -619,7 +718,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
-def analysed(cfg, n_models: int) -> list[int]:
+def _analysed(cfg, n_models: int) -> list[int]:
     from univ.run.plan import analysed_models
 
     return analysed_models(cfg.mode, n_models)
@@ -695,61 +794,64 @@ def reduce_results(state) -> None:
         all_sum(state.hist[key])
 
 
-# -- checkpoints: one unit per rank per generation, and a manifest ------------------------------------------------
+# -- checkpoints: one checksummed file per rank per generation, and a manifest ------------------------------------
 
 
-def _unit_dir(ddir: Path, generation: int, rank: int) -> Path:
-    return ddir / f"gen-{generation}" / f"rank-{rank}"
+def _unit_path(ddir: Path, generation: int, rank: int) -> Path:
+    return ddir / f"gen-{generation}" / f"rank-{rank}.safetensors"
 
 
-def _checkpoint(ddir: Path, generation: int, state, cfg, plan: ShardPlan, rank: int, comm) -> int:
-    """Write this rank's unit of ``generation``; once every rank has, rank 0 points the manifest at it; then the
-    previous generation goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
-    from univ.run.state import write_checkpoint
+def _checkpoint(ddir: Path, state, cfg, plan: ShardPlan, ident: dict, rank: int, comm) -> None:
+    """Write this rank's unit of the next generation; once every rank has, rank 0 points the manifest at it; then
+    the previous generation goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
+    from univ import __version__
+    from univ.run import files
 
-    unit = _unit_dir(ddir, generation, rank)
-    unit.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(unit, state, cfg)
+    state.generation += 1
+    g = state.generation
+    meta = {"kind": UNIT_KIND, "version": UNIT_VERSION, "run_id": ident["run_id"], "generation": g, "rank": rank,
+            "world": plan.world, "plan": state.plan.to_dict(), "counters": state.counters(),
+            "univ_version": __version__}
+    files.write_tensors(_unit_path(ddir, g, rank), state.named(), meta)
     _any(False, comm)  # sync: every rank's unit of this generation is on disk
     if rank == 0:
-        info = {"generation": generation, "world": plan.world, "token_shards": plan.token_shards,
-                "budget_bytes": plan.budget_bytes, "pass_index": state.pass_index,
-                "batches_done": state.batches_done, "tokens_done": state.tokens_done, "fingerprint": cfg.fingerprint()}
-        atomic_write_bytes(ddir / MANIFEST, (json.dumps(info, indent=1, default=str) + "\n").encode())
+        files.write_json(ddir / MANIFEST, {
+            "generation": g, "run_id": ident["run_id"], "world": plan.world, "token_shards": plan.token_shards,
+            "budget_bytes": plan.budget_bytes, "pass_index": state.pass_index, "tokens_done": state.tokens_done,
+            "fingerprint": ident["fingerprint"], "units": [str(_unit_path(ddir, g, r).relative_to(ddir))
+                                                           for r in range(plan.world)]})
     _any(False, comm)  # sync: the manifest names this generation before any rank drops the previous one
-    shutil.rmtree(_unit_dir(ddir, generation - 1, rank), ignore_errors=True)
-    return generation
+    _unit_path(ddir, g - 1, rank).unlink(missing_ok=True)
+    if rank == 0:
+        shutil.rmtree(ddir / f"gen-{g - 1}", ignore_errors=True)
 
 
-def _read_manifest(ddir: Path, world: int, cfg) -> dict:
-    path = ddir / MANIFEST
-    if not path.exists():
-        raise UserError(f"--resume: no distributed checkpoint in {ddir.parent} (expected {DIST_DIR}/{MANIFEST}); "
-                        "start without --resume")
-    info = json.loads(path.read_text())
-    if info["world"] != world:
-        raise Refused(f"the checkpoint in {ddir.parent} was written by {info['world']} ranks, this run has {world}: "
-                      f"resume with 'torchrun --nproc-per-node {info['world']} ...' (re-sharding a checkpoint to "
-                      "another world size is not supported)")
-    if cfg.token_shards is not None and cfg.token_shards != info["token_shards"]:
-        raise Refused(f"the checkpoint in {ddir.parent} splits the tokens over {info['token_shards']} shards; "
-                      f"resume with --token-shards {info['token_shards']} (or without the option)")
-    return info
+def _load_unit(ddir: Path, manifest: dict, rank: int, state, cfg, run_plan) -> None:
+    """This rank's unit of the manifest's generation, validated (digest, names, shapes, checksums, identity)."""
+    from univ_kernels.io import StateFileError, read_meta, read_tensors
 
-
-def _load_unit(ddir: Path, generation: int, rank: int, state, cfg, run_plan) -> None:
-    from univ.run.state import read_checkpoint
-
-    unit = _unit_dir(ddir, generation, rank)
-    meta, tensors = read_checkpoint(unit, cfg)
-    if meta["plan"] != json.loads(json.dumps(run_plan.to_dict())):
-        raise Refused(f"{unit} was written for another plan of blocks than this run computes; resume with the "
-                      "original options, or choose another --out")
-    state.load(tensors, meta)
-
-
-def _agree_all_loaded(comm) -> None:
-    _any(False, comm)  # sync: no rank cleans up before every rank has read its unit
+    path = _unit_path(ddir, manifest["generation"], rank)
+    try:
+        meta, _ = read_meta(path)
+    except (OSError, StateFileError) as e:
+        raise Refused(f"checkpoint unusable: {path}: {e}; start again with --overwrite") from e
+    want = {"kind": UNIT_KIND, "version": UNIT_VERSION, "run_id": manifest["run_id"],
+            "generation": manifest["generation"], "rank": rank, "world": manifest["world"]}
+    bad = [f"{k} {meta.get(k)!r} (expected {v!r})" for k, v in want.items() if meta.get(k) != v]
+    if meta.get("plan") != json.loads(json.dumps(run_plan.to_dict())):
+        bad.append("another plan of blocks than this run computes")
+    c = meta.get("counters", {})
+    if not 0 <= c.get("pass_index", -1) < state.n_passes or not 0 <= c.get("tokens_done", -1) <= cfg.tokens:
+        bad.append(f"counters {c}")
+    if bad:
+        raise Refused(f"checkpoint unusable: {path} has {'; '.join(bad)}; start again with --overwrite")
+    state.start_pass(c["pass_index"])
+    try:
+        tensors, _ = read_tensors(path, state.expected())
+    except StateFileError as e:
+        raise Refused(f"checkpoint unusable: {e}; start again with --overwrite") from e
+    state.load(tensors, c)
+    state.generation = manifest["generation"]
 
 
 def _remove_other_generations(ddir: Path, keep: int | None) -> None:
@@ -761,11 +863,11 @@ def _remove_other_generations(ddir: Path, keep: int | None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _save_pass_state(out: Path, state, rank: int) -> None:
+def _save_pass_state(out: Path, state, rank: int, ident: dict) -> None:
     """OUT/state/pass-<p>.rank-<r>.safetensors: the blocks (and W) this group root holds, for re-analysis."""
-    import safetensors.torch
+    from univ.run import files
 
-    state_dir = out / "state"
-    state_dir.mkdir(exist_ok=True)
-    tensors = {k: v for k, v in state.tensors().items() if not k.startswith(("result.", "hist."))}
-    atomic_write_bytes(state_dir / f"pass-{state.pass_index}.rank-{rank}.safetensors", safetensors.torch.save(tensors))
+    named = {k: v for k, v in state.named().items() if not k.startswith(("result.", "hist."))}
+    meta = {"kind": "univ.correlate.state", "version": UNIT_VERSION, "run_id": ident["run_id"], "rank": rank,
+            "pass_index": state.pass_index, "plan": state.plan.to_dict(), "counters": state.counters()}
+    files.write_tensors(out / "state" / f"pass-{state.pass_index}.rank-{rank}.safetensors", named, meta)
