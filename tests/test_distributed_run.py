@@ -54,7 +54,9 @@ def _rank_run(rank, world, cfg: dict, slow: float = 0.0, fault: tuple[int, int] 
     from univ.run.distributed import run
 
     if fault and fault[0] == rank:  # this rank SIGKILLs itself right after its k-th file write (univ.run.files)
-        os.environ["UNIV_FAULT_AFTER_WRITE"] = str(fault[1])
+        import univ.run.files as files
+
+        os.environ["UNIV_FAULT_AFTER_WRITE"] = str(files._writes + fault[1])  # forked: counts on from the parent
 
     if slow:  # a slower stream, so that a test can act mid-run; streaming-<rank> marks the first batch
         inner = stream.process_batch
