@@ -96,6 +96,11 @@ def assert_same_outputs(got: Path, want: Path, atol: float = 1e-6) -> None:
             assert np.nanmax(np.abs(x - y), initial=0.0) <= atol, (col, np.nanmax(np.abs(x - y)))
     h1, h2 = pd.read_parquet(got / "histograms.parquet"), pd.read_parquet(want / "histograms.parquet")
     assert h1.equals(h2)  # the same counts in every bin
+    assert (got / "layer_similarity.parquet").exists() == (want / "layer_similarity.parquet").exists()
+    if (want / "layer_similarity.parquet").exists():  # the CKA of every layer pair, whichever rank held its block
+        k1, k2 = pd.read_parquet(got / "layer_similarity.parquet"), pd.read_parquet(want / "layer_similarity.parquet")
+        assert len(k1) == len(k2) and not k1["cka"].isna().any()
+        np.testing.assert_allclose(k1["cka"].to_numpy(), k2["cka"].to_numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("arch, world, kw", [

@@ -607,7 +607,8 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
         run_plan = Plan(passes, d_mlp, n_layers, budget, batch_bytes)
         state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
-        state.within = {i: w for i, w in state.within.items() if i in gp.within}  # only the W this group rotates
+        keep = set(gp.within) | ({i for b in mine for i in (b.a, b.m)} if cfg.layer_similarity else set())
+        state.within = {i: w for i, w in state.within.items() if i in keep}  # the W this group rotates (+ CKA's)
         if rank != 0:
             state.act_stats = {}
         if manifest is not None:
@@ -792,6 +793,10 @@ def reduce_results(state) -> None:
         res["base"] = base.cpu()
     for key in sorted(state.hist):
         all_sum(state.hist[key])
+    for key in sorted(state.cka):  # each layer pair is computed by the rank that holds its block; NaN elsewhere
+        k = torch.nan_to_num(state.cka[key].double(), nan=float("-inf")).to(comm_device())
+        dist.all_reduce(k, op=dist.ReduceOp.MAX)
+        state.cka[key] = torch.where(torch.isinf(k), float("nan"), k).cpu().to(state.cka[key].dtype)
 
 
 # -- checkpoints: one checksummed file per rank per generation, and a manifest ------------------------------------
