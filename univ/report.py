@@ -71,6 +71,7 @@ FIGURES = {
     "corr_distributions": "max correlation vs baseline, and excess correlation (step histograms)",
     "corr_by_layer": "mean max correlation and baseline per layer",
     "corr_pairs": "distribution of all pairwise correlations per compared model",
+    "layer_similarity": "linear CKA between every layer of the model and every layer of each other seed",
     "universal_by_layer": "fraction of universal neurons per layer",
     "universal_stats": "within-layer percentiles of universal neurons' statistics (box plots)",
     "family_counts": "universal neurons per family",
@@ -404,6 +405,11 @@ def _correlations(page: _Page, neurons: pd.DataFrame | None, hist: pd.DataFrame 
         body.append(page.figure(fig, "corr_pairs", FIGURES["corr_pairs"]))
     else:
         body.append(page.missing("histograms.parquet", f"univ correlate … --out {run_dir}"))
+    from univ.cka import layer_similarity_figure, read_layer_similarity  # torch-free until a report is drawn
+
+    similarity = read_layer_similarity(run_dir)
+    if similarity is not None and len(similarity) and similarity["cka"].notna().any():
+        body.append(page.figure(layer_similarity_figure(similarity), "layer_similarity", FIGURES["layer_similarity"]))
     cols = [c for c in ("mean_corr", "mean_baseline", "excess_corr") if c in neurons]
     summary = neurons.groupby(["model", "layer"])[cols].mean().reset_index() if "layer" in neurons else None
     if summary is not None:
