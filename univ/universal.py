@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from univ.tables import run_id, write_parquet
+
 __all__ = [
     "RULES",
     "borderline",
@@ -182,7 +184,8 @@ def run_universal(
     if border is not None:
         neurons = neurons.assign(is_borderline=border)
     universal = neurons[neurons["is_universal"]].reset_index(drop=True)
-    universal.to_parquet(run_dir / "universal.parquet", index=False)
+    stamp = run_id(run_dir) if (run_dir / "run.json").is_file() else None  # later stages check the run
+    write_parquet(universal, run_dir / "universal.parquet", stamp)
     universal.to_csv(run_dir / "universal.csv", index=False)
     if verbose:
         print(f"universal neurons (rule {rule!r}, threshold {threshold}):")
