@@ -14,10 +14,10 @@ import torch
 import univ.models
 from tests.helpers import corpus_text, save_tiny_model
 from univ.analyze import PROFILE_COLUMNS, register, run_analyze
+from univ.commands.families import run_families
+from univ.commands.stats import run_stats
 from univ.data import token_batches
 from univ.errors import Refused, UserError
-from univ.families import run_families
-from univ.stats import run_stats
 from univ.tables import run_id, table_run_id, write_parquet
 
 CTX, BATCH, TOKENS = 32, 8, 600

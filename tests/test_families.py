@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import corpus_text, save_tiny_model, tiny_tokenizer
+from univ.commands.families import register
 from univ.families import (
     FamilyThresholds,
     FeatureVariance,
@@ -21,7 +22,6 @@ from univ.families import (
     SyntaxFeatures,
     TopExamples,
     label_families,
-    register,
 )
 from univ.stats import ActivationStats
 from univ.vocab_features import count_tokens, token_strings, vocab_features

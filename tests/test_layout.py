@@ -23,3 +23,12 @@ def test_univ_kernels_imports_only_torch_triton_numpy_safetensors():
             for name in names:
                 top = name.split(".")[0]
                 assert top in ALLOWED | stdlib_ok, f"{path.name} imports {name}"
+
+
+def test_stage_computations_do_not_import_the_analyze_stage():
+    """analyze builds on stats and families; they must not import it back (their CLIs live in univ/commands)."""
+    root = Path(univ_kernels.__file__).parent.parent / "univ"
+    for name in ("stats.py", "families.py", "vocab_features.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("univ.analyze"), f"univ/{name} imports {node.module}"

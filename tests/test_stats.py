@@ -10,7 +10,8 @@ import pytest
 import scipy.stats
 import torch
 
-from univ.stats import ActivationStats, add_layer_percentiles, compare_universal, register
+from univ.commands.stats import register
+from univ.stats import ActivationStats, add_layer_percentiles, compare_universal
 
 
 def _feed(st: ActivationStats, x: torch.Tensor, post: torch.Tensor | None = None, n_batches: int = 1) -> None:

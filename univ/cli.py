@@ -28,8 +28,8 @@ from univ.errors import EXIT_USER, UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "correlate": ("univ.correlate", "max correlation of every MLP neuron across seed models (the paper's experiment)"),
     "universal": ("univ.universal", "select universal neurons from a correlate run"),
-    "stats": ("univ.stats", "activation and weight statistics of every neuron"),
-    "families": ("univ.families", "explain neurons by token features (unigram, alphabet, position, ...)"),
+    "stats": ("univ.commands.stats", "activation and weight statistics of every neuron"),
+    "families": ("univ.commands.families", "explain neurons by token features (unigram, alphabet, position, ...)"),
     "analyze": ("univ.analyze", "universal + statistics + families in one pass -> profiles.parquet"),
     "roles": ("univ.roles", "prediction/suppression/partition, entropy and attention roles"),
     "report": ("univ.report", "one self-contained DIR/report.html of a run (works offline)"),

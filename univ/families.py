@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +56,6 @@ __all__ = [
     "TopExamples",
     "label_families",
     "load_syntax_model",
-    "register",
-    "run_families",
 ]
 
 FAMILIES = ("unigram", "alphabet", "previous-token", "syntax", "position", "other", "dead")
@@ -554,31 +550,6 @@ def label_families(df: pd.DataFrame, thresholds: FamilyThresholds | None = None)
 # Command
 
 
-def run_families(
-    run_dir: str | Path,
-    *,
-    tokens: int | None = None,
-    device: str = "cpu",
-    batch_size: int | None = None,
-    dtype: str | None = None,
-    top_k: int = 10,
-    thresholds: FamilyThresholds | None = None,
-    syntax: str = "auto",
-    verbose: bool = True,
-    progress: bool = True,
-    **feature_options: Any,
-) -> Path:
-    """Families and top examples for every analysed model of a run; writes ``DIR/families.parquet`` and
-    ``DIR/top_examples.parquet``. Returns the families path."""
-    from univ.analyze import profile_run
-
-    return profile_run(
-        run_dir, tokens=tokens, device=device, batch_size=batch_size, dtype=dtype, families=True, top_k=top_k,
-        thresholds=thresholds, syntax=syntax, verbose=verbose, progress=progress, outputs="families",
-        **feature_options,
-    )  # fmt: skip
-
-
 def add_family_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the families stage (shared with ``univ analyze``)."""
     d = FamilyThresholds()
@@ -622,42 +593,3 @@ def feature_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         n_tokens=args.n_tokens, n_unigrams=args.n_unigrams, unigram_sample=args.unigram_sample,
         spacy_model=args.spacy_model,
     )  # fmt: skip
-
-
-def _main(args: argparse.Namespace) -> int:
-    run_families(
-        args.dir, tokens=args.tokens, device=args.device, batch_size=args.batch_size, dtype=args.dtype,
-        top_k=args.top_k, thresholds=thresholds_from_args(args), syntax=args.syntax, **feature_options_from_args(args),
-    )  # fmt: skip
-    return 0
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``univ families``."""
-    from univ.stats import add_pass_arguments
-
-    p = subparsers.add_parser(
-        "families",
-        help="explain neurons by token features: unigram, alphabet, previous-token, position, syntax",
-        description=textwrap.fill(
-            "Reads DIR/run.json and streams the run's data once through each analysed model. For every neuron: "
-            "the fraction of variance of its post-activation explained by each binary feature of the current "
-            "and previous token (token ids, normalised strings, shape, symbols, word lists, suffixes, first "
-            "letter; spaCy syntax when installed), the mutual information of firing with position, and its "
-            "top-activating examples. Labels families with the paper's thresholds (unigram VR > 0.5, alphabet "
-            "> 0.35, previous-token, position MI with kurtosis < 2, syntax, else other). Writes "
-            "DIR/families.parquet and DIR/top_examples.parquet. Families are defined by VR alone here; "
-            "'univ analyze' does the same pass with statistics and selection and joins everything."
-        ),
-        epilog=(
-            "examples:\n"
-            "  univ families runs/small\n"
-            "  univ families runs/small --tokens 2000000 --device cuda --unigram-vr 0.6 --top-k 20\n"
-            "  univ families runs/small --syntax on --spacy-model en_core_web_sm"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_pass_arguments(p)
-    add_family_arguments(p)
-    p.set_defaults(func=_main)
-    return p

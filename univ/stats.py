@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import textwrap
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,8 +39,6 @@ __all__ = [
     "ActivationStats",
     "add_layer_percentiles",
     "compare_universal",
-    "register",
-    "run_stats",
 ]
 
 ACT_COLUMNS = ["act_mean", "act_var", "act_skew", "act_kurt", "act_freq", "post_mean"]
@@ -227,49 +222,6 @@ def compare_universal(df: pd.DataFrame, cols: list[str] | None = None) -> pd.Dat
 # Command
 
 
-def run_stats(
-    run_dir: str | Path,
-    *,
-    tokens: int | None = None,
-    device: str = "cpu",
-    batch_size: int | None = None,
-    dtype: str | None = None,
-    threshold: float = 0.5,
-    rule: str = "mean",
-    verbose: bool = True,
-    progress: bool = True,
-) -> Path:
-    """Activation + weight statistics for every analysed model of a run; writes ``DIR/stats.parquet``.
-
-    One pass over the run's data per model (``tokens`` overrides its token budget). Adds within-layer
-    percentiles; if ``neurons.parquet`` exists, ``is_universal`` too and ``DIR/stats_compare.csv``.
-    """
-    from univ.analyze import profile_run
-
-    return profile_run(
-        run_dir,
-        tokens=tokens,
-        device=device,
-        batch_size=batch_size,
-        dtype=dtype,
-        threshold=threshold,
-        rule=rule,
-        families=False,
-        top_k=0,
-        verbose=verbose,
-        progress=progress,
-        outputs="stats",
-    )
-
-
-def _main(args: argparse.Namespace) -> int:
-    run_stats(
-        args.dir, tokens=args.tokens, device=args.device, batch_size=args.batch_size, dtype=args.dtype,
-        threshold=args.threshold, rule=args.rule,
-    )  # fmt: skip
-    return 0
-
-
 def add_pass_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that stream the run's data through its models."""
     p.add_argument("dir", help="run directory written by 'univ correlate' (run.json, neurons.parquet)")
@@ -279,27 +231,3 @@ def add_pass_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="model dtype: float32, bfloat16, float16 (default: fp32 CPU/bf16 GPU)")
     p.add_argument("--threshold", type=float, default=0.5, help="universal: excess-correlation cut (default: 0.5)")
     p.add_argument("--rule", choices=("mean", "strict"), default="mean", help="universal: selection rule")
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``univ stats``."""
-    p = subparsers.add_parser(
-        "stats",
-        help="activation and weight statistics of every neuron",
-        description=textwrap.fill(
-            "Reads DIR/run.json (models, data) and streams the run's data once through each analysed model: "
-            "pre-activation mean, variance, skew, kurtosis (non-excess), activation frequency P(pre > 0) and "
-            "post-activation mean, over kept tokens only; adds weight statistics on TransformerLens-style "
-            "processed weights (norms, input bias, cos(w_in, w_out), L2 penalty, moments of cos(W_U, w_out) "
-            "over the vocabulary) and within-layer percentiles. Writes DIR/stats.parquet and DIR/stats.csv; "
-            "with neurons.parquet present, also is_universal and DIR/stats_compare.csv (median percentiles, "
-            "universal vs the rest), printed."
-        ),
-        epilog=(
-            "examples:\n  univ stats runs/small\n  univ stats runs/small --tokens 1000000 --device cuda --batch-size 32"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_pass_arguments(p)
-    p.set_defaults(func=_main)
-    return p
