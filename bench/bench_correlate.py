@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SIZES = {  # (n_layer, n_embd, n_inner, n_head, n_ctx)
+    "tiny": (2, 32, 64, 4, 64),  # tests/helpers.py's tiny GPT-2 geometry (bench_scaling)
     "zoo": (2, 256, 1024, 4, 128),
     "small": (12, 768, 3072, 12, 512),
 }

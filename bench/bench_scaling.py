@@ -30,8 +30,6 @@ from pathlib import Path
 
 from bench.bench_correlate import SIZES, make_seeds
 
-SIZES = {"tiny": (2, 32, 64, 4, 64), **SIZES}  # tests/helpers.py's tiny GPT-2 geometry, then zoo and small
-
 
 def worker(cfg_path: str) -> None:
     """Inside torchrun: join the group and run the job (the entry point of every rank)."""
