@@ -52,7 +52,14 @@ from univ.families import (
     load_syntax_model,
     thresholds_from_args,
 )
-from univ.stats import ACT_COLUMNS, COMPARE_COLUMNS, ActivationStats, add_layer_percentiles, compare_universal
+from univ.stats import (
+    ACT_COLUMNS,
+    COMPARE_COLUMNS,
+    ActivationStats,
+    add_layer_percentiles,
+    add_pass_arguments,
+    compare_universal,
+)
 from univ.tables import check_same_run, read_table, write_parquet
 from univ.universal import format_layer_table, read_run, select_universal, universal_by_layer
 from univ.vocab_features import vocab_features
@@ -477,8 +484,6 @@ def _main(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``univ analyze``."""
-    from univ.stats import add_pass_arguments
-
     p = subparsers.add_parser(
         "analyze",
         help="universal selection + statistics + families in one pass -> profiles.parquet",
