@@ -135,7 +135,15 @@ def test_offline_hub_name_fails_fast(monkeypatch):
     assert time.perf_counter() - t0 < 5
 
 
-def test_bare_name_that_is_no_folder_fails_fast():
+@pytest.fixture
+def hub_online(monkeypatch):
+    """The online code path, whatever the user's HF_HUB_OFFLINE says (offline clusters set it)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_bare_name_that_is_no_folder_fails_fast(hub_online):
     """The issue's case: 'seed-1' is neither a folder here nor a model the Hub serves (no network, or unknown)."""
     _warm_imports()
     t0 = time.perf_counter()
@@ -164,7 +172,7 @@ def _bare(cls):
     return exc
 
 
-def test_hub_errors_say_what_was_looked_for(monkeypatch):
+def test_hub_errors_say_what_was_looked_for(monkeypatch, hub_online):
     from huggingface_hub import errors
 
     _hub_raises(monkeypatch, ConnectionError("connection refused"))
