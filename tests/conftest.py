@@ -15,6 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_hash_cache(tmp_path_factory):
+    """The content-hash cache (univ.run.hashes) in a folder of the session's, never the user's ~/.cache."""
+    os.environ["UNIV_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache") / "hashes.json")
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

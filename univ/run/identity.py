@@ -3,7 +3,8 @@
 ``fingerprint(cfg, models, data_files)`` is recorded in every checkpoint and in run.json; a resume compares
 the checkpoint's with the current one (``differences``) and refuses on any difference, naming it. Paths are
 resolved first, so ``runs/zoo/seed-0``, ``./runs/zoo/seed-0/`` and its absolute path are the same model,
-while new weights (or edited data) behind an unchanged path are not.
+while new weights (or edited data) behind an unchanged path are not. File hashes come from
+``univ.run.hashes``: computed once, then reused while a file's size, times and inode are unchanged.
 """
 
 from __future__ import annotations
@@ -14,21 +15,15 @@ import uuid
 from pathlib import Path
 
 from univ.run.config import CorrelateConfig
+from univ.run.hashes import file_sha256, sha256_many
+
+__all__ = ["file_sha256", "fingerprint", "model_fingerprint", "data_fingerprint", "differences", "new_run_id"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-HASH_CHUNK = 16 << 20
 
 
 def new_run_id() -> str:
     return uuid.uuid4().hex
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -46,7 +41,7 @@ def model_fingerprint(lm) -> dict:
     if meta.get("commit") is None and source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and (
             p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json")))
-        fp.update(path=str(source.resolve()), files={p.name: file_sha256(p) for p in files})
+        fp.update(path=str(source.resolve()), files={p.name: h for p, h in sha256_many(files).items()})
     else:
         fp.update(hub=str(meta.get("source", lm.name)), revision=meta.get("revision"), commit=meta.get("commit"))
     return fp
@@ -56,7 +51,8 @@ def data_fingerprint(cfg: CorrelateConfig, data_files: list[Path] | None) -> dic
     """Local data: every file (resolved path, size, sha256). A Hub dataset: its name and split."""
     if data_files is None:
         return {"hub": cfg.data, "split": cfg.split}
-    return {"files": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    hashes = sha256_many(data_files)
+    return {"files": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": hashes[p]}
                       for p in data_files]}
 
 
