@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from univ.run.distributed import (
+from univ.run.shard_plan import (
     PlanError,
     choose_token_shards,
     describe_shard_plan,

@@ -111,3 +111,10 @@ def save_pass_state(out: Path, state: RunState, identity: dict) -> None:
 def read_state(file: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of an OUT/state/pass-*.safetensors file, checksums verified."""
     return read_tensors(file, device=device)
+
+
+def next_checkpoint(cfg, done: int) -> int | None:
+    """The token count at which the next periodic checkpoint falls (None: only the pass-end ones)."""
+    if cfg.checkpoint_every is None:
+        return None
+    return (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every

@@ -18,27 +18,15 @@ import torch
 
 from univ.errors import Interrupted, Refused, UserError
 from univ.run import checkpoint, identity, stream
+from univ.run.checkpoint import next_checkpoint
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
 from univ.run.folder import OutLock, open_folder, prepare
+from univ.run.inputs import load_models
 from univ.run.outputs import build_manifest, summary_text, write_outputs
-from univ.run.plan import Plan, describe_plan, make_plan
+from univ.run.plan import Plan, PlanError, describe_plan, make_plan
 from univ.run.state import RunState
 from univ_kernels.io import NoSpace
-
-
-def load_models(cfg: CorrelateConfig, device: torch.device):
-    from univ.models import check_same_tokenizer, load_model, max_positions
-
-    # fp32 by default on every device: a bf16 forward moved r by up to 6e-3 on the zoo (README, "Precision")
-    models = [load_model(name, device=device, dtype=cfg.dtype or "float32", trust_remote_code=cfg.trust_remote_code)
-              for name in cfg.models]
-    check_same_tokenizer(models)
-    for lm in models:
-        limit = max_positions(lm)
-        if limit is not None and cfg.ctx > limit:
-            raise UserError(f"--ctx {cfg.ctx} exceeds {lm.name}'s {limit} positions; pass --ctx {limit} or less")
-    return models
 
 
 def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -109,10 +97,7 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
     if meta is not None:
         plan = Plan.from_dict(meta["plan"], d_mlp, n_layers, batch_bytes)
     else:
-        try:
-            plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
-        except MemoryError as e:
-            raise PlanError(str(e)) from None
+        plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
     log(describe_plan(plan, cfg, models, device))
     if data_files is not None and (len(data_files) > 1 or str(data_files[0]) != cfg.data):
         shown = ", ".join(str(p) for p in data_files[:10]) + (f", … ({len(data_files)} files)"
@@ -127,14 +112,14 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
     timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0}
     bar = tqdm(total=cfg.tokens * len(plan.passes), unit="tok", unit_scale=True, disable=not progress,
                dynamic_ncols=True, initial=state.pass_index * cfg.tokens + state.tokens_done)
-    next_ckpt = [_next_checkpoint(cfg, state.tokens_done)]
+    next_ckpt = [next_checkpoint(cfg, state.tokens_done)]
 
     def after_batch(st: RunState, n_kept: int) -> None:
         bar.update(n_kept)
         # (not after the pass's last batch: the end-of-pass checkpoint follows at once)
         if next_ckpt[0] is not None and next_ckpt[0] <= st.tokens_done < cfg.tokens:
             checkpoint.write(out, st, ident)
-            next_ckpt[0] = _next_checkpoint(cfg, st.tokens_done)
+            next_ckpt[0] = next_checkpoint(cfg, st.tokens_done)
 
     def interrupted(flag: stream.StopFlag) -> Interrupted:
         bar.close()
@@ -161,7 +146,7 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
             state.start_pass(state.pass_index + 1)
             if not state.finished:
                 checkpoint.write(out, state, ident)
-                next_ckpt[0] = _next_checkpoint(cfg, 0)
+                next_ckpt[0] = next_checkpoint(cfg, 0)
                 if flag.stop:
                     raise interrupted(flag)
         bar.close()
@@ -179,11 +164,4 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
     return out
 
 
-class PlanError(UserError, MemoryError):
-    """Even the smallest block does not fit the memory budget (exit 2)."""
-
-
-def _next_checkpoint(cfg: CorrelateConfig, done: int) -> int | None:
-    if cfg.checkpoint_every is None:
-        return None
-    return (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+__all__ = ["PlanError", "load_models", "run"]

@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from univ.baseline import CHUNK_BYTES
+from univ.errors import UserError
 from univ.run.config import CorrelateConfig
+
+
+class PlanError(UserError, MemoryError):
+    """The accumulators cannot be split to fit the memory budget (one process or per rank), or the world cannot
+    be split as asked (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], devic
         start = 0
         per_layer = 4 * d_mlp[a] * n_layers[m] * d_mlp[m]
         if per_layer > budget:
-            raise MemoryError(
+            raise PlanError(
                 f"even the smallest block (one layer of model {a}, {d_mlp[a]} neurons, against all "
                 f"{n_layers[m] * d_mlp[m]} neurons of model {m}) needs {format_bytes(per_layer)}, more than the "
                 f"{format_bytes(max(budget, 0))} budget on {device}. Use a device with more memory, free memory, "
