@@ -77,7 +77,7 @@ def one(root: Path, seeds: list[Path], data: Path, size: str, world: int, shards
     return {"size": size, "world": world, "token_shards": info["distributed"]["token_shards"],
             "tokens": info["tokens"], "tok_s": info["tokens"] / stream, "comm_share": comm / total,
             "acc_bytes": max(r["accumulator_bytes"] for r in ranks),
-            "rss_bytes": max(r["peak_rss_bytes"] for r in ranks), "passes": info["distributed"]["n_passes"]}
+            "rss_bytes": max(r["measured_peak_bytes"] for r in ranks), "passes": info["distributed"]["n_passes"]}
 
 
 def fmt_bytes(n: float) -> str:

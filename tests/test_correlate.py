@@ -86,6 +86,8 @@ def test_self_and_permuted_copy_recovered_exactly(zoo, tmp_path):
     assert manifest["tokens"] == 1500 and manifest["labels"] == ["gpt2-seed0", "gpt2-seed0-2", "perm"]
     assert not (out / "checkpoint.safetensors").exists() and (out / "state" / "pass-0.safetensors").exists()
     assert len(manifest["run_id"]) == 32 and manifest["tokens_requested"] == 1500 and not manifest["data_exhausted"]
+    mem = manifest["memory"]  # the plan counts the process's fixed cost, so the two are comparable
+    assert 0 < mem["planned_peak_bytes"] and 0.5 < mem["measured_peak_bytes"] / mem["planned_peak_bytes"] < 2
 
 
 @pytest.mark.parametrize("arch", ["neox", "llama"])

@@ -116,6 +116,9 @@ def test_distributed_equals_single_process(zoo, tmp_path, tmp_path_factory, arch
     assert_same_outputs(tmp_path / "d", reference(single_kw, tmp_path_factory))
     info = json.loads((tmp_path / "d" / "run.json").read_text())
     assert info["distributed"]["world"] == world and info["distributed"]["token_shards"] == kw["token_shards"]
+    ranks = info["memory"]["per_rank"]
+    assert len(ranks) == world and all(r["planned_peak_bytes"] > 0 and r["measured_peak_bytes"] > 0 for r in ranks)
+    assert info["memory"]["measured_peak_bytes"] == max(r["measured_peak_bytes"] for r in ranks)
     assert not (tmp_path / "d" / DIST_DIR).exists()  # checkpoints removed once the outputs are written
 
 

@@ -62,7 +62,10 @@ def rotations(d: int, *, kind: str, seed: int, model_index: int, layer: int, dra
     if draws < 1:
         raise ValueError(f"draws must be ≥ 1, got {draws}")
     g = _stream(seed, model_index, layer)
-    return torch.stack([_draw(g, d, kind).float() for _ in range(draws)])
+    out = torch.empty((draws, d, d), dtype=torch.float32)  # filled in place: no stacked copy of K matrices
+    for k in range(draws):
+        out[k] = _draw(g, d, kind)
+    return out
 
 
 def rotation(d: int, *, kind: str, seed: int, model_index: int, layer: int) -> torch.Tensor:
@@ -85,20 +88,23 @@ def rotated_inv_sd(w_centred: torch.Tensor, q: torch.Tensor, *, chunk_bytes: int
     out = []
     for k0 in range(0, qs.shape[0], step):
         q_cat = qs[k0:k0 + step].float().permute(1, 0, 2).reshape(d, -1)  # [d, k·d]
-        var = ((w @ q_cat) * q_cat).sum(0, dtype=torch.float64).view(-1, d)  # [k, d]
+        var = (w @ q_cat).mul_(q_cat).sum(0, dtype=torch.float64).view(-1, d)  # [k, d]
         out.append(torch.where(var <= 1e-12 * scale, float("nan"), var.clamp(min=1e-300).rsqrt()).float())
     inv = torch.cat(out)
     return inv[0] if q.dim() == 2 else inv
 
 
 def rotated_max(cc: torch.Tensor, inv_sd: torch.Tensor, q_cat: torch.Tensor, inv_rot: torch.Tensor,
-                draws: int, *, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                draws: int, *, chunk_bytes: int = CHUNK_BYTES, u_rows: torch.Tensor | None = None,
+                u_cols: torch.Tensor | None = None) -> torch.Tensor:
     """Per draw, each row's max Pearson r over the rotated neurons of one layer: [draws, n] fp32.
 
     ``cc`` [n, d] centred co-moments of n neurons with the layer's d neurons (pass ``C.T`` for the
     reverse direction of all-pairs runs); ``inv_sd`` [n] their 1/√M2 (NaN = dead); ``q_cat`` [d, K·d] the K
     rotations side by side (``RotationBank``), so all draws share one GEMM per chunk of rows; ``inv_rot``
-    [K·d]. Dead rows, or rows whose every rotated partner is dead, get NaN.
+    [K·d]. Dead rows, or rows whose every rotated partner is dead, get NaN. With ``u_rows`` [n] and ``u_cols``
+    [d], ``cc`` is raw and is centred here (``cc − u_rows u_colsᵀ``) a chunk of rows at a time: the run's
+    blocks are never copied whole (a GPT2-small layer's [36,864 × 3,072] would be 453 MB twice).
     """
     n, d = cc.shape
     if q_cat.shape != (d, draws * d) or inv_rot.shape != (draws * d,) or inv_sd.shape != (n,):
@@ -109,8 +115,11 @@ def rotated_max(cc: torch.Tensor, inv_sd: torch.Tensor, q_cat: torch.Tensor, inv
     out = torch.empty((draws, n), dtype=torch.float32, device=cc.device)
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
-        r = (cc[r0:r1].float() @ q_cat) * inv_sd[r0:r1, None] * inv_rot[None, :]  # [rows, K·d]
-        r = r.clamp(-1.0, 1.0).nan_to_num(nan=float("-inf"))  # clamp keeps NaN; dead partners never win
+        x = cc[r0:r1].float()
+        if u_rows is not None:
+            x = x - u_rows[r0:r1, None].float() * u_cols[None, :].float()
+        r = (x @ q_cat).mul_(inv_sd[r0:r1, None]).mul_(inv_rot[None, :])  # [rows, K·d], in place from here
+        r.clamp_(-1.0, 1.0).nan_to_num_(nan=float("-inf"))  # clamp keeps NaN; dead partners never win
         out[:, r0:r1] = r.view(r1 - r0, draws, d).amax(-1).t()
     return torch.where(torch.isinf(out), float("nan"), out)
 
@@ -138,7 +147,7 @@ class RotationBank:
         if key in self._q:
             return self._q[key]
         q = rotations(d, kind=self.kind, seed=self.seed, model_index=model_index, layer=layer, draws=self.draws)
-        q = q.permute(1, 0, 2).reshape(d, self.draws * d).contiguous()
+        q = q.permute(1, 0, 2).reshape(d, self.draws * d)  # the one copy: [K, d, d] → [d, K·d]
         if self._bytes + q.numel() * 4 <= self.cache_bytes:
             self._q[key] = q
             self._bytes += q.numel() * 4

@@ -29,6 +29,7 @@ from univ_kernels.comoment import symmetrize_upper
 
 FILE = "layer_similarity.parquet"
 COLUMNS = ["model", "other", "layer", "other_layer", "cka"]
+TILE_BYTES = 32 << 20  # rows of C squared at a time in layer_cka
 
 
 def within_fro(w: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,11 +63,14 @@ def layer_cka(c: torch.Tensor, u_a: torch.Tensor | None, u_m: torch.Tensor | Non
         raise ValueError(f"layer_cka: c {tuple(c.shape)} is not [{w_fro_a.numel()}·{d_a}, {w_fro_m.numel()}·{d_m}]")
     la, lm = rows // d_a, cols // d_m
     num = torch.empty((la, lm), dtype=torch.float64)
+    step = max(1, TILE_BYTES // (4 * cols))  # rows per tile: a few MB at a time, never a copy of a layer's rows
     for i in range(la):
-        tile = c[i * d_a:(i + 1) * d_a].float()  # [d_a, L_m·d_m]: one row block at a time, never a copy of C
-        if u_a is not None:
-            tile = tile - u_a[i * d_a:(i + 1) * d_a, None].float() * u_m[None, :].float()
-        sq = tile.square().view(d_a, lm, d_m).sum((0, 2), dtype=torch.float64)  # ‖X_cᵀ Y_c‖²_F per layer of m
+        sq = torch.zeros(lm, dtype=torch.float64, device=c.device)
+        for r0 in range(i * d_a, (i + 1) * d_a, step):
+            r1 = min(r0 + step, (i + 1) * d_a)
+            tile = c[r0:r1].float()
+            tile = tile - u_a[r0:r1, None].float() * u_m[None, :].float() if u_a is not None else tile.clone()
+            sq += tile.square_().view(r1 - r0, lm, d_m).sum((0, 2), dtype=torch.float64)  # ‖X_cᵀ Y_c‖²_F per layer
         num[i] = sq.cpu()
     den = w_fro_a.double()[:, None] * w_fro_m.double()[None, :]
     return torch.where(den > 0, num / den.clamp(min=1e-300), float("nan"))

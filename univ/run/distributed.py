@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run.merge import merge_token_shards, reduce_results
+from univ.run import memory
+from univ.run.merge import MERGE_CHUNK_BYTES, merge_token_shards, reduce_results
 from univ.run.shard_plan import (
     ShardPlan,
     choose_token_shards,
@@ -231,6 +232,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             _together(_check_resume, manifest, world, cfg, out)
 
         models = _together(load_models, cfg, device)
+        meter = memory.Meter(device)  # this rank's fixed cost, what its plan builds on
         fingerprint = None
         if rank == 0:
             fingerprint = {"options": identity.fingerprint(cfg, [], data_files)["options"],
@@ -293,6 +295,11 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         state.within = {i: w for i, w in state.within.items() if i in keep}  # the W this group rotates (+ CKA's)
         if rank != 0:
             state.act_stats = {}
+        w_bytes = sum(w.numel() * w.element_size() for w in state.within.values())
+        merge_bytes = 2 * MERGE_CHUNK_BYTES if k > 1 else 0
+        planned_peak = meter.planned_peak(memory.run_bytes(run_plan, cfg, models, active=set(gp.models),
+                                                           owned=lambda b: b in mine) + w_bytes + merge_bytes)
+        log(f"  planned peak of rank 0 (process, {device}): {memory.format_bytes(planned_peak)}")
         if manifest is not None:
             _together(_load_unit, ddir, manifest, rank, state, cfg, run_plan)
             where = "the end of its stream" if state.streamed else f"{state.tokens_done:,} tokens"
@@ -370,7 +377,9 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             timings["reduce_s"] = time.perf_counter() - t0
             per_rank: list = [None] * world  # what each rank did and held, for run.json and bench/bench_scaling.py
             dist.all_gather_object(per_rank, {"timings": {k_: round(v, 4) for k_, v in timings.items()},
-                                              "accumulator_bytes": plan.rank_bytes(rank), "peak_rss_bytes": _peak_rss(),
+                                              "accumulator_bytes": plan.rank_bytes(rank),
+                                              "planned_peak_bytes": planned_peak,
+                                              "measured_peak_bytes": meter.measured_peak(),
                                               "models_forwarded": gp.models})
             if rank == 0:
                 info = build_manifest(cfg, state, run_plan, models, labels, tokens_seen=tokens_seen, device=device,
@@ -378,9 +387,15 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
                                       run_id=ident["run_id"], fingerprint=fingerprint)
                 info["distributed"] = {"world": world, "backend": dist.get_backend(), **plan.to_dict(),
                                        "ranks": per_rank}
+                info["memory"].update(planned_peak_bytes=max(r["planned_peak_bytes"] for r in per_rank),
+                                      measured_peak_bytes=max(r["measured_peak_bytes"] for r in per_rank),
+                                      per_rank=[{k_: r[k_] for k_ in ("planned_peak_bytes", "measured_peak_bytes")}
+                                                for r in per_rank])
                 table = write_outputs(out, state, models, labels, cfg, info)
                 shutil.rmtree(ddir, ignore_errors=True)
                 log(summary_text(table))
+                for r, got in enumerate(per_rank):
+                    log(f"rank {r} " + memory.summary_line(got["planned_peak_bytes"], got["measured_peak_bytes"]))
                 log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} ({world} ranks, run id "
                     f"{ident['run_id']})")
             _any(False, comm)  # every rank returns after rank 0 has written the outputs
@@ -393,12 +408,6 @@ def _bcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
 def _analysed(cfg, n_models: int) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run import checkpoint, identity, stream
+from univ.run import checkpoint, identity, memory, stream
 from univ.run.checkpoint import next_checkpoint
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
@@ -79,6 +79,7 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         saved = meta["fingerprint"]
         _check_fingerprint(out, {**saved, "models": []}, {"options": options_fp, "models": [], "data": data_fp})
     models = load_models(cfg, device)
+    meter = memory.Meter(device)  # what the process holds now is the fixed cost the plan builds on
     fingerprint = {"options": options_fp, "models": [identity.model_fingerprint(lm) for lm in models],
                    "data": data_fp}
     if meta is not None:
@@ -98,7 +99,9 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         plan = Plan.from_dict(meta["plan"], d_mlp, n_layers, batch_bytes)
     else:
         plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
+    planned_peak = meter.planned_peak(memory.run_bytes(plan, cfg, models))
     log(describe_plan(plan, cfg, models, device))
+    log(f"  planned peak (process, {device})      {memory.format_bytes(planned_peak):>10s}")
     if data_files is not None and (len(data_files) > 1 or str(data_files[0]) != cfg.data):
         shown = ", ".join(str(p) for p in data_files[:10]) + (f", … ({len(data_files)} files)"
                                                               if len(data_files) > 10 else "")
@@ -154,9 +157,12 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         manifest = build_manifest(cfg, state, plan, models, labels, tokens_seen=tokens_seen, device=device,
                                   operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
                                   run_id=ident["run_id"], fingerprint=fingerprint)
+        measured_peak = meter.measured_peak()
+        manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak)
         table = write_outputs(out, state, models, labels, cfg, manifest)
         checkpoint.remove(out)
     log(summary_text(table))
+    log(memory.summary_line(planned_peak, measured_peak))
     if tokens_seen < cfg.tokens:
         log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
             "(--tokens); run.json records both")

@@ -79,9 +79,9 @@ def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateCon
     for layer in range(state.plan.n_layers[m]):
         cols = slice(layer * d_m, (layer + 1) * d_m)
         q_cat, inv_rot = bank.get(m, layer, centred_within(state, m, layer))
-        cc = c[:, cols] - u_a[:, None] * u_m[cols][None, :]  # centred [rows, d_m]
-        best = torch.maximum(best, rotated_max(cc, inv_a, q_cat, inv_rot, cfg.baseline_draws).nan_to_num(
-            nan=float("-inf")))
+        # centred [rows, d_m] a chunk at a time inside rotated_max
+        best = torch.maximum(best, rotated_max(c[:, cols], inv_a, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_a,
+                                               u_cols=u_m[cols]).nan_to_num(nan=float("-inf")))
     return torch.where(torch.isinf(best), float("nan"), best)
 
 
@@ -95,9 +95,9 @@ def reverse_baseline(state: RunState, b: Block, c, u_a, cfg: CorrelateConfig) ->
     for k, layer in enumerate(range(b.layer_start, b.layer_end)):
         rows = slice(k * d_a, (k + 1) * d_a)
         q_cat, inv_rot = bank.get(a, layer, centred_within(state, a, layer))
-        cc = c[rows] - u_a[rows][:, None] * u_m[None, :]  # centred [d_a, n_m]
-        best = torch.maximum(best, rotated_max(cc.t(), inv_m, q_cat, inv_rot, cfg.baseline_draws).nan_to_num(
-            nan=float("-inf")))
+        # centred [n_m, d_a] a chunk at a time inside rotated_max
+        best = torch.maximum(best, rotated_max(c[rows].t(), inv_m, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_m,
+                                               u_cols=u_a[rows]).nan_to_num(nan=float("-inf")))
     return best
 
 
