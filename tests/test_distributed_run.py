@@ -94,6 +94,16 @@ def assert_same_outputs(got: Path, want: Path, atol: float = 1e-6) -> None:
             x, y = a[col].to_numpy(np.float64), b[col].to_numpy(np.float64)
             assert (np.isnan(x) == np.isnan(y)).all(), col
             assert np.nanmax(np.abs(x - y), initial=0.0) <= atol, (col, np.nanmax(np.abs(x - y)))
+    assert (got / "activation_stats.parquet").exists() == (want / "activation_stats.parquet").exists()
+    if (want / "activation_stats.parquet").exists():  # merged from the ranks' token shards
+        s1, s2 = pd.read_parquet(got / "activation_stats.parquet"), pd.read_parquet(want / "activation_stats.parquet")
+        assert list(s1.columns) == list(s2.columns) and len(s1) == len(s2)
+        for col in s1.columns:
+            if s1[col].dtype.kind == "f":
+                np.testing.assert_allclose(s1[col].to_numpy(), s2[col].to_numpy(), rtol=1e-9, atol=1e-9,
+                                           err_msg=col)
+            else:
+                assert s1[col].equals(s2[col]), col
     h1, h2 = pd.read_parquet(got / "histograms.parquet"), pd.read_parquet(want / "histograms.parquet")
     assert h1.equals(h2)  # the same counts in every bin
     assert (got / "layer_similarity.parquet").exists() == (want / "layer_similarity.parquet").exists()
@@ -120,6 +130,20 @@ def test_distributed_equals_single_process(zoo, tmp_path, tmp_path_factory, arch
     assert len(ranks) == world and all(r["planned_peak_bytes"] > 0 and r["measured_peak_bytes"] > 0 for r in ranks)
     assert info["memory"]["measured_peak_bytes"] == max(r["measured_peak_bytes"] for r in ranks)
     assert not (tmp_path / "d" / DIST_DIR).exists()  # checkpoints removed once the outputs are written
+
+
+@pytest.mark.parametrize("world, kw", [
+    (2, dict(token_shards=2)),                                    # one group, the stats split over two shards
+    (3, dict(token_shards=1, mode="all-pairs")),                   # each model's stats from the group forwarding it
+    (2, dict(token_shards=1, memory_budget_gb=70e-6)),             # blocks over two passes on each rank
+])
+def test_activation_stats_at_every_world_size_and_shard_count(zoo, tmp_path, tmp_path_factory, world, kw):
+    cfg = config(zoo, "gpt2", tmp_path / "d", activation_stats=True, **kw)
+    spawn(_rank_run, world, tmp_path, cfg)
+    single_kw = {k: v for k, v in cfg.items() if k not in ("token_shards", "memory_budget_gb")}
+    want = reference(single_kw, tmp_path_factory)
+    assert (want / "activation_stats.parquet").exists()
+    assert_same_outputs(tmp_path / "d", want)
 
 
 def test_blocks_spread_over_passes_on_each_rank(zoo, tmp_path, tmp_path_factory):

@@ -20,7 +20,7 @@ import torch
 
 from univ.errors import Interrupted, Refused, UserError
 from univ.run import memory
-from univ.run.merge import MERGE_CHUNK_BYTES, merge_token_shards, reduce_results
+from univ.run.merge import MERGE_CHUNK_BYTES, gather_activation_stats, merge_token_shards, reduce_results
 from univ.run.shard_plan import (
     ShardPlan,
     choose_token_shards,
@@ -280,10 +280,6 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         g = plan.group_of(rank)
         gp = plan.groups[g]
         root = plan.shard_of(rank) == 0
-        if cfg.activation_stats and (k > 1 or not set(_analysed(cfg, len(models))) <= set(
-                plan.groups[0].models_in_pass(0))):
-            raise UserError("--activation-stats in a distributed run needs --token-shards 1 and rank 0 forwarding "
-                            "every analysed model (--mode reference); run 'univ stats' on the finished run instead")
         groups = [dist.new_group(plan.group_ranks(i)) for i in range(len(plan.groups))] if k > 1 else None
         sub = groups[g] if groups else None
 
@@ -293,8 +289,11 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
         keep = set(gp.within) | ({i for b in mine for i in (b.a, b.m)} if cfg.layer_similarity else set())
         state.within = {i: w for i, w in state.within.items() if i in keep}  # the W this group rotates (+ CKA's)
-        if rank != 0:
-            state.act_stats = {}
+        # Each analysed model's activation statistics come from one group (every batch once: its token shards),
+        # the first that forwards the model, in that pass; rank 0 merges them after the last pass.
+        owners = stats_owners(plan, list(state.act_stats))
+        state.act_stats = {i: st for i, st in state.act_stats.items() if owners[i][1] == g}
+        state.stats_pass = {i: p_ for i, (p_, _) in owners.items()}
         w_bytes = sum(w.numel() * w.element_size() for w in state.within.values())
         merge_bytes = 2 * MERGE_CHUNK_BYTES if k > 1 else 0
         planned_peak = meter.planned_peak(memory.run_bytes(run_plan, cfg, models, active=set(gp.models),
@@ -374,6 +373,8 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
 
             t0 = time.perf_counter()
             reduce_results(state)
+            if cfg.activation_stats:
+                gather_activation_stats(state)
             timings["reduce_s"] = time.perf_counter() - t0
             per_rank: list = [None] * world  # what each rank did and held, for run.json and bench/bench_scaling.py
             dist.all_gather_object(per_rank, {"timings": {k_: round(v, 4) for k_, v in timings.items()},
@@ -410,10 +411,13 @@ def _bcast(obj):
     return box[0]
 
 
-def _analysed(cfg, n_models: int) -> list[int]:
-    from univ.run.plan import analysed_models
-
-    return analysed_models(cfg.mode, n_models)
+def stats_owners(plan: ShardPlan, models: list[int]) -> dict[int, tuple[int, int]]:
+    """model → (pass, group): the first pass in which some group forwards the model, and the first such group."""
+    owners = {}
+    for i in models:
+        owners[i] = next(((p, g) for p in range(plan.n_passes) for g, grp in enumerate(plan.groups)
+                          if i in grp.models_in_pass(p)), (0, 0))
+    return owners
 
 
 def _comm_device(device: torch.device) -> torch.device:

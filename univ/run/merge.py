@@ -77,3 +77,19 @@ def reduce_results(state) -> None:
         k = torch.nan_to_num(state.cka[key].double(), nan=float("-inf")).to(comm_device())
         dist.all_reduce(k, op=dist.ReduceOp.MAX)
         state.cka[key] = torch.where(torch.isinf(k), float("nan"), k).cpu().to(state.cka[key].dtype)
+
+
+def gather_activation_stats(state) -> None:
+    """Every rank's activation statistics (disjoint token shards of each model) merged, in rank order, on every
+    rank: O(neurons) float64 sums per model, exact up to their rounding (``ActivationStats.merge``)."""
+    import torch.distributed as dist
+
+    from univ.stats import ActivationStats
+
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, {i: st for i, st in state.act_stats.items()})
+    merged: dict[int, ActivationStats] = {}
+    for stats in got:
+        for i, st in sorted(stats.items()):
+            merged.setdefault(i, ActivationStats(st.n_layers, st.d_mlp)).merge(st)
+    state.act_stats = {i: merged[i] for i in sorted(merged)}

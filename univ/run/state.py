@@ -44,6 +44,7 @@ class RunState:
         self.rotations = None  # univ.baseline.RotationBank, built at the first finalize (not checkpointed)
         # Activation statistics of the analysed models, gathered on the first pass (same tokens every pass).
         self.act_stats: dict[int, ActivationStats] = {}
+        self.stats_pass: dict[int, int] = {}  # model → the pass its statistics are gathered in (default 0)
         if cfg.activation_stats:
             for a in analysed_models(cfg.mode, len(models)):
                 self.act_stats[a] = ActivationStats(models[a].n_layers, models[a].d_mlp)

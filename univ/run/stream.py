@@ -114,7 +114,7 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
         if active is not None and i not in active:
             acts.append(None)
             continue
-        want_pre = state.pass_index == 0 and i in state.act_stats
+        want_pre = i in state.act_stats and state.pass_index == state.stats_pass.get(i, 0)
         got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
         if want_pre:
             pres[i] = (got.pre, got.post)
