@@ -86,9 +86,13 @@ class CorrelateConfig:
             object.__setattr__(self, k, v)
 
     def fingerprint(self) -> dict:
-        """The fields a resumed run must share with its checkpoint (output-only options excluded)."""
-        skip = {"out", "checkpoint_every", "memory_budget_gb", "save_state", "device"}
+        """The fields a resumed run must share with its checkpoint (output-only and layout options excluded: a
+        checkpoint resumes on any device, world size or token-shard count)."""
+        skip = {"out", "checkpoint_every", "memory_budget_gb", "save_state", "device", *LAYOUT_OPTIONS}
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+LAYOUT_OPTIONS = ("token_shards",)  # how the work is split, never what it computes
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run import memory
+from univ.run import memory, reshard
 from univ.run.merge import MERGE_CHUNK_BYTES, gather_activation_stats, merge_token_shards, reduce_results
 from univ.run.shard_plan import (
     ShardPlan,
+    Unit,
     choose_token_shards,
     describe_shard_plan,
     make_shard_plan,
     make_units,
+    shard_plan_for_passes,
     within_bytes,
 )
 
@@ -56,20 +58,6 @@ def launched() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def refuse_distributed_state(out: Path, *, overwrite: bool = False) -> None:
-    """A single-process run must not resume or start over what a distributed run left in ``out`` (unless
-    ``--overwrite``, which removes it)."""
-    ddir = out / DIST_DIR
-    if overwrite:
-        shutil.rmtree(ddir, ignore_errors=True)
-        return
-    if (ddir / MANIFEST).exists():
-        world = json.loads((ddir / MANIFEST).read_text()).get("world", "?")
-        raise Refused(f"{out} holds the checkpoint of a run across {world} ranks; resume it with "
-                      f"'torchrun --nproc-per-node {world} -m univ correlate ... --resume', pass --overwrite to "
-                      "discard it, or choose another --out")
 
 
 def timeout_s() -> float:
@@ -151,7 +139,11 @@ def _together(fn, *args, **kwargs):
 
 
 def _prepare(out: Path, ddir: Path, *, rank: int, resume: bool, overwrite: bool, log) -> dict | None:
-    """What the folder holds, checked by every rank (a shared --out); rank 0 removes what --overwrite discards."""
+    """What the folder holds, checked by every rank (a shared --out); rank 0 removes what --overwrite discards.
+
+    Resuming returns the distributed manifest, or for a one-process checkpoint (the newer one, if both) the same
+    keys from its header with ``single``.
+    """
     from univ.run import checkpoint
     from univ.run.folder import MANIFEST as RUN_JSON
     from univ.run.folder import remove_outputs
@@ -167,32 +159,27 @@ def _prepare(out: Path, ddir: Path, *, rank: int, resume: bool, overwrite: bool,
             shutil.rmtree(ddir, ignore_errors=True)
     if overwrite:
         return None
-    finished, unfinished = (out / RUN_JSON).exists(), (ddir / MANIFEST).exists()
+    finished, source = (out / RUN_JSON).exists(), reshard.newest_source(out)
     if resume:
-        if not unfinished:
+        if source is None:
             if finished:
                 raise Refused(f"--resume: the run in {out} already finished (run.json); nothing to resume. "
                               "To run it again, pass --overwrite instead")
-            raise UserError(f"--resume: no distributed checkpoint in {out} (expected {DIST_DIR}/{MANIFEST}); "
-                            "start without --resume")
-        return json.loads((ddir / MANIFEST).read_text())
-    if unfinished or checkpoint.exists(out):
+            raise UserError(f"--resume: no checkpoint in {out} (expected {DIST_DIR}/{MANIFEST} or "
+                            f"{checkpoint.FILE}); start without --resume")
+        if source == "ranks":
+            return json.loads((ddir / MANIFEST).read_text())
+        meta = checkpoint.read_header(out)
+        return {"single": True, "world": 1, "token_shards": 1, "run_id": meta["run_id"],
+                "generation": meta["generation"], "fingerprint": meta["fingerprint"],
+                "budget_bytes": meta["plan"]["budget_bytes"]}
+    if source is not None:
         raise Refused(f"{out} holds an unfinished run: pass --resume to continue it, --overwrite to discard it, "
                       "or choose another --out")
     if finished:
         raise Refused(f"{out} holds a finished run (run.json): pass --overwrite to replace it, or choose another "
                       "--out")
     return None
-
-
-def _check_resume(manifest: dict, world: int, cfg, out: Path) -> None:
-    if manifest.get("world") != world:
-        raise Refused(f"the checkpoint in {out} was written by {manifest.get('world')} ranks, this run has {world}: "
-                      f"resume with 'torchrun --nproc-per-node {manifest.get('world')} ...' (re-sharding a "
-                      "checkpoint to another world size is not supported)")
-    if cfg.token_shards is not None and cfg.token_shards != manifest["token_shards"]:
-        raise Refused(f"the checkpoint in {out} splits the tokens over {manifest['token_shards']} shards; "
-                      f"resume with --token-shards {manifest['token_shards']} (or without the option)")
 
 
 def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: bool, log) -> Path:
@@ -228,8 +215,11 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             _together(lambda: None)
         _any(False, comm)  # sync: rank 0's removals (--overwrite, stale temps) happen before anyone looks
         manifest = _together(_prepare, out, ddir, rank=rank, resume=resume, overwrite=overwrite, log=log)
-        if manifest is not None:
-            _together(_check_resume, manifest, world, cfg, out)
+        # The same world and token shards: each rank reads back its own unit (bitwise the same run). Any other
+        # checkpoint (one process, another world size or --token-shards) is re-sharded from its snapshot.
+        same_layout = manifest is not None and not manifest.get("single") and manifest["world"] == world and \
+            cfg.token_shards in (None, manifest["token_shards"])
+        snap = _together(reshard.read_snapshot, out) if manifest is not None and not same_layout else None
 
         models = _together(load_models, cfg, device)
         meter = memory.Meter(device)  # this rank's fixed cost, what its plan builds on
@@ -259,7 +249,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         within = within_bytes(n_layers, d_mlp, rotated_models(cfg.mode, len(models)) if cfg.baseline != "none" else [])
         reverse = cfg.mode == "all-pairs"
         costs = None
-        if manifest is not None:
+        if same_layout:
             k, budget = manifest["token_shards"], manifest["budget_bytes"]
         else:
             if cfg.memory_budget_gb is not None:
@@ -269,13 +259,23 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             t = torch.tensor([budget], dtype=torch.int64, device=comm)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             budget = int(t.item())
+        if snap is not None:  # the checkpoint's passes, split over this world
+            k = cfg.token_shards or 1
+            old = Plan.from_dict(snap.plan, d_mlp, n_layers, batch_bytes)
+            pass_units = [[Unit(b.a, b.m, layer, 4 * d_mlp[b.a] * n_layers[b.m] * d_mlp[b.m])
+                           for b in blocks for layer in range(b.layer_start, b.layer_end)] for blocks in old.passes]
+            plan = _together(shard_plan_for_passes, pass_units, world=world, token_shards=k, budget_bytes=budget,
+                             within=within, reverse=reverse)
+        elif manifest is None:
             flops = [2.0 * sum(p.numel() for p in lm.model.parameters()) for lm in models]
             k_auto, costs = choose_token_shards(units, world=world, budget_bytes=budget, tokens=cfg.tokens,
                                                 forward_flops_per_token=flops,
                                                 n_neurons=[lm.n_neurons for lm in models],
                                                 device_type=device.type, within=within, reverse=reverse)
             k = cfg.token_shards or k_auto
-        plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget, within=within, reverse=reverse)
+        if snap is None:
+            plan = make_shard_plan(units, world=world, token_shards=k, budget_bytes=budget, within=within,
+                                   reverse=reverse)
         log(describe_shard_plan(plan, costs))
         g = plan.group_of(rank)
         gp = plan.groups[g]
@@ -299,8 +299,15 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         planned_peak = meter.planned_peak(memory.run_bytes(run_plan, cfg, models, active=set(gp.models),
                                                            owned=lambda b: b in mine) + w_bytes + merge_bytes)
         log(f"  planned peak of rank 0 (process, {device}): {memory.format_bytes(planned_peak)}")
-        if manifest is not None:
+        if snap is not None:
+            here = {i for i in state.act_stats if root}
+            _together(reshard.apply_snapshot, snap, state, shard0=root, rank0=rank == 0, stats_here=here,
+                      forwarded=set(gp.models_in_pass(snap.counters["pass_index"])))
+            log(f"re-sharded the checkpoint of {snap.source} onto {world} ranks ({k} token shard"
+                f"{'s' if k > 1 else ''})")
+        elif manifest is not None:
             _together(_load_unit, ddir, manifest, rank, state, cfg, run_plan)
+        if manifest is not None:
             where = "the end of its stream" if state.streamed else f"{state.tokens_done:,} tokens"
             log(f"resuming generation {state.generation}: pass {state.pass_index + 1} after {where}")
         _any(False, comm)  # sync: every rank has read its unit before rank 0 cleans up
@@ -435,7 +442,7 @@ def _checkpoint(ddir: Path, state, cfg, plan: ShardPlan, ident: dict, rank: int,
     """Write this rank's unit of the next generation; once every rank has, rank 0 points the manifest at it; then
     the previous generation goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
     from univ import __version__
-    from univ.run import files
+    from univ.run import checkpoint, files
 
     state.generation += 1
     g = state.generation
@@ -454,6 +461,8 @@ def _checkpoint(ddir: Path, state, cfg, plan: ShardPlan, ident: dict, rank: int,
     _unit_path(ddir, g - 1, rank).unlink(missing_ok=True)
     if rank == 0:
         shutil.rmtree(ddir / f"gen-{g - 1}", ignore_errors=True)
+        if checkpoint.exists(ddir.parent):  # a one-process checkpoint this run resumed from: older now
+            checkpoint.remove(ddir.parent)
 
 
 def _load_unit(ddir: Path, manifest: dict, rank: int, state, cfg, run_plan) -> None:

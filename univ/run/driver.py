@@ -11,22 +11,24 @@ retried from it) and at the start of each later pass. What survives what is list
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run import checkpoint, identity, memory, stream
+from univ.run import checkpoint, identity, memory, reshard, stream
 from univ.run.checkpoint import next_checkpoint
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
+from univ.run.folder import MANIFEST as RUN_JSON
 from univ.run.folder import OutLock, open_folder, prepare
 from univ.run.inputs import load_models
 from univ.run.outputs import build_manifest, summary_text, write_outputs
 from univ.run.plan import Plan, PlanError, describe_plan, make_plan
 from univ.run.state import RunState
-from univ_kernels.io import NoSpace
+from univ_kernels.io import NoSpace, remove_stale_temps
 
 
 def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -47,8 +49,7 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, 
     out = Path(cfg.out)
     open_folder(out)
     with OutLock(out, log):
-        distributed.refuse_distributed_state(out, overwrite=overwrite)
-        meta = prepare(out, resume=resume, overwrite=overwrite, log=log)
+        meta = _resume_source(out, resume=resume, overwrite=overwrite, log=log)
         try:
             device = resolve_device(cfg.device)
         except RuntimeError as e:
@@ -59,6 +60,39 @@ def run(cfg: CorrelateConfig, *, resume: bool = False, overwrite: bool = False, 
             kept = (f"the last checkpoint in {out} is intact: free space, then rerun with --resume"
                     if checkpoint.exists(out) else "free space, then rerun")
             raise UserError(f"{e.strerror}; {kept}") from e
+
+
+def _resume_source(out: Path, *, resume: bool, overwrite: bool, log) -> dict | None:
+    """``prepare``'s metadata of the checkpoint to resume, or — when the newest one was written across ranks —
+    the same keys from its snapshot (``univ.run.reshard``), which this process then loads whole."""
+    if overwrite:
+        shutil.rmtree(out / reshard.DIST_DIR, ignore_errors=True)
+    elif reshard.newest_source(out) == "ranks":
+        world = reshard.distributed_manifest(out).get("world", "?")
+        if not resume:
+            raise Refused(f"{out} holds an unfinished run (a checkpoint of {world} ranks): pass --resume to continue "
+                          "it, in this process or any number of ranks, --overwrite to discard it, or choose another "
+                          "--out")
+        if (out / RUN_JSON).exists():
+            raise Refused(f"--resume: the run in {out} already finished (run.json); nothing to resume. To run it "
+                          "again, pass --overwrite instead")
+        for p in remove_stale_temps(out):
+            log(f"note: removed {p.name}, a temporary file left by an interrupted write")
+        snap = reshard.read_snapshot(out)
+        return {"fingerprint": snap.fingerprint, "run_id": snap.run_id, "plan": snap.plan, "snapshot": snap}
+    return prepare(out, resume=resume, overwrite=overwrite, log=log)
+
+
+def _check_fits(plan: Plan, cfg: CorrelateConfig, device: torch.device, source: str) -> None:
+    from univ.run.plan import available_memory, format_bytes
+
+    budget = int(cfg.memory_budget_gb * 1e9) if cfg.memory_budget_gb is not None else \
+        int(0.9 * available_memory(device)) - plan.fixed_bytes
+    need = max(sum(plan.block_bytes(b) for b in p) for p in plan.passes)
+    if need > budget:
+        raise PlanError(f"the checkpoint of {source} has a pass of {format_bytes(need)} of accumulators, more than "
+                        f"this process's {format_bytes(max(budget, 0))} budget: resume it under torchrun on more "
+                        "ranks, or raise --memory-budget")
 
 
 def _check_fingerprint(out: Path, saved: dict, now: dict) -> None:
@@ -97,6 +131,8 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
     batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
     if meta is not None:
         plan = Plan.from_dict(meta["plan"], d_mlp, n_layers, batch_bytes)
+        if "snapshot" in meta:  # written across ranks: its passes must fit this one process
+            _check_fits(plan, cfg, device, meta["snapshot"].source)
     else:
         plan = make_plan(cfg, n_layers, d_mlp, device, batch_bytes)
     planned_peak = meter.planned_peak(memory.run_bytes(plan, cfg, models))
@@ -107,8 +143,15 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
                                                               if len(data_files) > 10 else "")
         log(f"  data: {shown}")
     state = RunState(plan, models, device, cfg)
-    if meta is not None:
+    if meta is not None and "snapshot" in meta:
+        snap = meta["snapshot"]
+        reshard.apply_snapshot(snap, state)
+        checkpoint.write(out, state, ident)  # in this process's layout (a newer generation), then the ranks' go
+        shutil.rmtree(out / reshard.DIST_DIR, ignore_errors=True)
+        log(f"resumed from the checkpoint of {snap.source}")
+    elif meta is not None:
         checkpoint.load_into(out, state, meta)
+    if meta is not None:
         where = "the end of its stream" if state.streamed else f"{state.tokens_done:,} tokens"
         log(f"resuming pass {state.pass_index + 1} after {where} (checkpoint generation {state.generation})")
 

@@ -70,7 +70,9 @@ def fingerprint(cfg: CorrelateConfig, models, data_files: list[Path] | None) -> 
 def differences(saved: dict, now: dict) -> list[str]:
     """Human-readable differences between two fingerprints (empty: the same run)."""
     out = []
-    so, no = saved.get("options", {}), now.get("options", {})
+    from univ.run.config import LAYOUT_OPTIONS
+
+    so, no = ({k: v for k, v in d.get("options", {}).items() if k not in LAYOUT_OPTIONS} for d in (saved, now))
     out += [f"option {k}: {so.get(k)!r} then, {no.get(k)!r} now" for k in sorted(so.keys() | no.keys())
             if so.get(k) != no.get(k)]
     sm, nm = saved.get("models", []), now.get("models", [])

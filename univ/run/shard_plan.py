@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from univ.run.plan import PlanError, format_bytes
 
 __all__ = ["PlanError", "Unit", "BlockSpec", "GroupPlan", "ShardPlan", "make_units", "within_bytes",
-           "split_contiguous", "make_shard_plan", "divisors", "Cost", "estimate_cost", "choose_token_shards",
-           "describe_shard_plan", "RATES", "CLOSE_CALL"]
+           "split_contiguous", "make_shard_plan", "shard_plan_for_passes", "divisors", "Cost", "estimate_cost",
+           "choose_token_shards", "describe_shard_plan", "RATES", "CLOSE_CALL"]
 
 # Rates of the cost model. Only their ratios matter for the choice of K; they are modelling assumptions for
 # ranking the options, not measurements (bench/bench_scaling.py measures what a machine does).
@@ -226,6 +226,34 @@ def make_shard_plan(units: list[Unit], *, world: int, token_shards: int, budget_
     for gp in groups:
         gp.passes = [gp.units[s:e] for s, e in split_contiguous([u.nbytes for u in gp.units], n_passes)]
     return ShardPlan(world, token_shards, groups, n_passes, budget_bytes)
+
+
+def shard_plan_for_passes(passes: list[list[Unit]], *, world: int, token_shards: int, budget_bytes: int,
+                          within: dict[int, int] | None = None, reverse: bool = False) -> ShardPlan:
+    """The given passes (a checkpoint's: which units are accumulated in which pass) split over this world's
+    block groups, each pass's units contiguously; used to resume a checkpoint at another world size."""
+    within = within or {}
+    if world < 1 or token_shards < 1 or world % token_shards:
+        raise PlanError(f"--token-shards {token_shards} must divide the {world} ranks (e.g. "
+                        f"{', '.join(str(k) for k in divisors(world))})")
+    n_groups = world // token_shards
+    groups = [GroupPlan([]) for _ in range(n_groups)]
+    for units in passes:
+        for gp, (s, e) in zip(groups, split_contiguous([u.nbytes for u in units], n_groups), strict=True):
+            gp.passes.append(units[s:e])
+            gp.units += units[s:e]
+    for g, gp in enumerate(groups):
+        gp.within = sorted(({u.m for u in gp.units} | ({u.a for u in gp.units} if reverse else set())) & set(within))
+        gp.within_bytes = sum(within[i] for i in gp.within)
+        for p in range(len(passes)):
+            need = gp.within_bytes + gp.pass_bytes(p)
+            if need > budget_bytes:
+                raise PlanError(
+                    f"resuming on {world} rank{'s' if world > 1 else ''}: pass {p + 1} of the checkpoint needs "
+                    f"{format_bytes(need)} on rank {g * token_shards}, more than its "
+                    f"{format_bytes(max(budget_bytes, 0))} budget. Resume on more ranks (or fewer --token-shards), "
+                    "or raise --memory-budget")
+    return ShardPlan(world, token_shards, groups, len(passes), budget_bytes)
 
 
 def _passes_needed(sizes: list[int], cap: int) -> int:

@@ -44,7 +44,6 @@ class RunState:
         self.rotations = None  # univ.baseline.RotationBank, built at the first finalize (not checkpointed)
         # Activation statistics of the analysed models, gathered on the first pass (same tokens every pass).
         self.act_stats: dict[int, ActivationStats] = {}
-        self.stats_pass: dict[int, int] = {}  # model → the pass its statistics are gathered in (default 0)
         if cfg.activation_stats:
             for a in analysed_models(cfg.mode, len(models)):
                 self.act_stats[a] = ActivationStats(models[a].n_layers, models[a].d_mlp)
@@ -62,7 +61,19 @@ class RunState:
         for i in within_models(cfg, len(models)):
             self.within[i] = torch.zeros((models[i].n_layers, models[i].d_mlp, models[i].d_mlp),
                                          dtype=torch.float32, device=device)
+        # A model's statistics are gathered in the first pass that forwards it (the same rule at every world size).
+        self.stats_pass = {i: next((p for p in range(self.n_passes) if i in self.pass_models(p)), 0)
+                           for i in self.act_stats}
         self.start_pass(0)
+
+    def pass_models(self, p: int) -> set[int]:
+        """Models pass p needs forwarded: those of its blocks, and on the first pass those whose W it collects."""
+        blocks = self.plan.passes[p] if p < self.n_passes else []
+        return {b.a for b in blocks} | {b.m for b in blocks} | (set(self.within) if p == 0 else set())
+
+    def active_models(self) -> set[int]:
+        """What this pass forwards: ``pass_models`` and the models whose statistics it gathers."""
+        return self.pass_models(self.pass_index) | {i for i, p in self.stats_pass.items() if p == self.pass_index}
 
     @property
     def n_passes(self) -> int:

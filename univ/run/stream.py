@@ -88,7 +88,8 @@ def stream_pass(state: RunState, models, cfg: CorrelateConfig, operand_dtype: to
     with warnings.catch_warnings():  # running out of data is stated in the summary and run.json instead
         warnings.filterwarnings("ignore", message="data source .* ran out")
         for batch in token_stream(cfg, models[0].tokenizer, skip_batches=state.batches_done):
-            process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings)
+            process_batch(state, models, batch.input_ids, batch.keep, cfg, operand_dtype, timings,
+                          active=state.active_models())
             state.batches_done += 1
             state.tokens_done += batch.n_kept
             after_batch(state, batch.n_kept)
