@@ -13,7 +13,8 @@ paper time / this time (the speed-up over the original scheme).
 Goals (the project's performance model), printed PASS/FAIL:
 - CPU, at the GPT2-sized shapes: the full update (``torch``) ≥ 0.9 × floor and ≥ 1.5 × the paper's scheme;
 - H100, at 36,864 × 36,864 with K ≥ 16k: the full update (``triton``, the CUDA default) ≥ 0.9 × cuBLAS bf16
-  and ≥ 650 TFLOP/s.
+  and ≥ 650 TFLOP/s;
+- memory: a ``univ correlate`` run's measured peak within 10 % of its plan (``--memory``, bench.bench_memory).
 """
 
 from __future__ import annotations
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, i.e. every core)")
     p.add_argument("--csv", type=Path, help="append one row per measurement to this CSV")
     p.add_argument("--strict", action="store_true", help="exit 1 if a goal FAILs")
+    p.add_argument("--memory", default="zoo", metavar="SIZES",
+                   help="geometries whose planned vs measured peak memory is checked, one correlate run each "
+                        "(bench.bench_memory; e.g. zoo,small; 'none' skips; default zoo)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -265,6 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "PASS" if ok else "FAIL" if ok is not None else "----"
         failed |= ok is False
         print(f"  {verdict}  {goal}" + (f": {measured}" if measured else ""))
+    if args.memory != "none":
+        from bench.bench_memory import one
+
+        for size in args.memory.split(","):
+            for r in one(size.strip()):
+                ratio = r["measured"] / r["planned"]
+                ok = abs(ratio - 1) <= 0.10
+                failed |= not ok
+                print(f"  {'PASS' if ok else 'FAIL'}  memory at {size} geometry: measured peak within 10 % of the "
+                      f"plan: {r['measured'] / 1e9:.2f} GB / {r['planned'] / 1e9:.2f} GB = {ratio:.2f}")
     if args.csv:
         append_csv(args.csv, rows, device)
         print(f"\nappended {len(rows)} rows to {args.csv}")

@@ -22,6 +22,9 @@
     update, and finalize (GB/s of C), each as a % of the ceilings; then which GEMM is faster, against
     ``univ_kernels.comoment.DEFAULT_GEMM``.
 
+(d) With ≥ 2 GPUs: ``univ correlate`` under torchrun (NCCL, one rank per GPU) against one process: same r
+    (≤ 1e-5) and argmax.
+
 Exit status: 0 when every check passes (or there is no GPU: it says so and stops), 1 when one fails.
 """
 
@@ -633,6 +636,46 @@ def write_out(out: Path, device_desc: str) -> None:
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.csv'}")
 
 
+def check_nccl_run(device) -> bool:
+    """(d) ``univ correlate`` under torchrun, one rank per GPU (NCCL), against the one-process run on GPU 0."""
+    import subprocess
+    import tempfile
+
+    import pandas as pd
+
+    n_gpu = torch.cuda.device_count()
+    if device.type != "cuda" or n_gpu < 2:
+        print(f"  ----  NCCL run: needs ≥ 2 GPUs, this machine has {n_gpu}; skipped")
+        record("distributed", "nccl_vs_single", status="SKIP", gpus=n_gpu)
+        return True
+    sys.path.insert(0, str(REPO))
+    from bench.bench_correlate import make_seeds
+    from univ.corpus import write_corpus_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        seeds = make_seeds(root, 3, "zoo")
+        data = write_corpus_files(root, "heldout")
+        base = ["-m", "univ", "correlate", *map(str, seeds), "--data", str(data), "--tokens", "20000", "--ctx", "128"]
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        runs = {"single": [sys.executable, *base, "--out", str(root / "single")],
+                "nccl": [torchrun, "--standalone", "--nproc-per-node", str(n_gpu), *base, "--out", str(root / "nccl")]}
+        for name, cmd in runs.items():
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+            if done.returncode != 0:
+                print(f"  FAIL  NCCL run: {name} exited {done.returncode}: {done.stderr[-400:]}")
+                record("distributed", "nccl_vs_single", status="FAIL", error=done.stderr[-400:])
+                return False
+        a, b = (pd.read_parquet(root / n / "neurons.parquet") for n in ("single", "nccl"))
+    cols = [c for c in a.columns if c.startswith(("max_corr", "mean_corr", "excess_corr"))]
+    err = max(float((a[c] - b[c]).abs().max()) for c in cols)
+    same_arg = all(a[c].equals(b[c]) for c in a.columns if c.startswith("argmax_"))
+    ok = err <= 1e-5 and same_arg
+    print(f"  {status(ok)}  NCCL run on {n_gpu} GPUs vs one process: max |Δr| {err:.2e}, argmax equal {same_arg}")
+    record("distributed", "nccl_vs_single", status=status(ok), gpus=n_gpu, max_abs_dr=err, argmax_equal=same_arg)
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available() and not ARGS.interpret:
         print(
@@ -646,6 +689,8 @@ def main() -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     ok = run_correctness(device, INTERPRET_SHAPES if ARGS.interpret else CHECK_SHAPES, ARGS.repeats)
+    if device.type == "cuda":
+        ok = attempt(check_nccl_run, device) and ok
     if device.type == "cuda" and not ARGS.skip_timing:
         ceilings = run_ceilings(device)
         run_timings(device, ceilings)
