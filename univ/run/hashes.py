@@ -13,14 +13,13 @@ it, ``UNIV_HASH_CACHE=FILE`` moves it. Writes are atomic (a kill leaves the prev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-from univ_kernels import io
 
 HASH_CHUNK = 16 << 20
 RACY_S = 2.0
@@ -64,11 +63,14 @@ def _load(path: Path) -> dict:
 def _save(path: Path, entries: dict) -> None:
     if len(entries) > MAX_ENTRIES:  # keep the most recently hashed
         entries = dict(sorted(entries.items(), key=lambda kv: kv[1].get("at", 0))[-MAX_ENTRIES:])
-    try:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # temp + rename (not the run's checked writes: a cache is no output, and a full disk only skips it)
         path.parent.mkdir(parents=True, exist_ok=True)
-        io.atomic_write_bytes(path, json.dumps({"format": FORMAT, "files": entries}).encode())
-    except OSError:
-        pass  # a read-only or full cache folder only costs the next start a rehash
+        tmp.write_text(json.dumps({"format": FORMAT, "files": entries}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache folder only costs the next start a rehash
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def sha256_many(paths: Iterable[Path]) -> dict[Path, str]:
