@@ -66,8 +66,10 @@ def test_one_batch_many_batches_and_merged_shards_agree(backend):
     assert merged.n == 333
     for what, r in (("one batch", one), ("many batches", many), ("merged shards", merged.correlation())):
         assert_close_verbose(r, ref, 1e-5, what)
-    assert_close_verbose(many, one, 2e-6, "many vs one")
-    assert_close_verbose(merged.correlation(), one, 2e-6, "merged vs one")
+    # tighter than against the reference, not bit-equal: the BLAS thread count changes the fp32 summation order
+    # (2.09e-6 seen on 2 threads, under 2e-6 on 1)
+    assert_close_verbose(many, one, 5e-6, "many vs one")
+    assert_close_verbose(merged.correlation(), one, 5e-6, "merged vs one")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

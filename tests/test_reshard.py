@@ -14,6 +14,7 @@ import os
 import signal
 
 import pytest
+import torch
 from helpers import corpus_text, save_tiny_model
 from test_distributed import join_ranks, spawn, start_ranks
 from test_distributed_run import _rank_resume, _rank_run, assert_same_outputs, config, reference
@@ -45,6 +46,8 @@ def _killed_single(cfg: dict, after_writes: int) -> int:
     import univ.run.files as files
 
     def child():
+        # one thread: the parent's OpenMP pool does not survive fork, and a forked child that uses it hangs
+        torch.set_num_threads(1)
         os.environ["UNIV_FAULT_AFTER_WRITE"] = str(files._writes + after_writes)
         try:
             _single(cfg)
@@ -54,6 +57,10 @@ def _killed_single(cfg: dict, after_writes: int) -> int:
     p = mp.get_context("fork").Process(target=child)
     p.start()
     p.join(120)
+    if p.is_alive():  # never leave a child behind: multiprocessing would wait for it at exit
+        p.kill()
+        p.join()
+        raise AssertionError("the killed run did not end within 120 s")
     return p.exitcode
 
 
