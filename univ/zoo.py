@@ -327,6 +327,8 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
 
     seed_dir = out_dir / f"seed-{seed}"
     checkpoints: list[str] = []
+    curve: list[list[float]] = []  # [step, held-out loss] at each checkpoint: has the loss flattened?
+    windows = _val_windows(data.heldout, data.bos, config.n_ctx, config.val_tokens)
     t0 = time.perf_counter()
     with _deterministic(config.threads):
         torch.manual_seed(seed)  # initialisation
@@ -354,6 +356,7 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
             done = step + 1
             if config.save_every and (done % config.save_every == 0 or done == config.steps):
                 checkpoints.append(_save_checkpoint(model, seed_dir, done, config, data.tokenizer))
+                curve.append([done, round(_val_loss_now(model, windows), 5)])
         bar.close()
         train_s = time.perf_counter() - t0
 
@@ -362,7 +365,6 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
             model = model.to(torch.float16)
         model.save_pretrained(seed_dir)  # safetensors
         # the val loss is of the weights as saved (fp16 rounding included), computed in fp32
-        windows = _val_windows(data.heldout, data.bos, config.n_ctx, config.val_tokens)
         val = _val_loss(model.float(), windows)
     data.tokenizer.model_max_length = config.n_ctx
     data.tokenizer.save_pretrained(seed_dir)
@@ -375,9 +377,32 @@ def _train_one(out_dir: Path, seed: int, config: ZooConfig, data: _Data, progres
         "wall_s": round(time.perf_counter() - t0, 1),
         "sha256": {p.name: _sha256(p) for p in sorted(seed_dir.glob("*.safetensors"))},
         "checkpoints": checkpoints,
+        "val_curve": curve,
+        "config_key": _config_key(config, (seed,)),
     }
     (seed_dir / SEED_STATS).write_text(json.dumps(stats, indent=2) + "\n")
     return seed_dir
+
+
+def _val_loss_now(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Held-out loss of the model mid-training (eval mode, then back to train: no RNG drawn)."""
+    model.eval()
+    try:
+        return _val_loss(model, windows)
+    finally:
+        model.train()
+
+
+def _trained_seed(out_dir: Path, seed: int, config: ZooConfig) -> dict | None:
+    """The stats of a seed an interrupted ``train_zoo`` already finished with this config, else None."""
+    try:
+        stats = json.loads((out_dir / f"seed-{seed}" / SEED_STATS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    seed_dir = out_dir / stats["path"]
+    intact = all((seed_dir / name).exists() and _sha256(seed_dir / name) == digest
+                 for name, digest in stats["sha256"].items())
+    return stats if stats.get("config_key") == _config_key(config, (seed,)) and intact else None
 
 
 def train_seed(out_dir: str | Path, seed: int, config: ZooConfig | None = None, progress: bool = True) -> Path:
@@ -421,9 +446,11 @@ def train_zoo(
     t0 = time.perf_counter()
     data = _load_data(config)
     models = []
-    for seed in seeds:
-        seed_dir = _train_one(out_dir, seed, config, data, progress)
-        models.append(json.loads((seed_dir / SEED_STATS).read_text()))
+    for seed in seeds:  # a seed finished by an interrupted earlier call is kept, not trained again
+        stats = _trained_seed(out_dir, seed, config)
+        if stats is None:
+            stats = json.loads((_train_one(out_dir, seed, config, data, progress) / SEED_STATS).read_text())
+        models.append(stats)
     windows = _val_windows(data.heldout, data.bos, config.n_ctx, config.val_tokens)
     tok_file = out_dir / models[0]["path"] / "tokenizer.json" if models else None
     manifest = {
