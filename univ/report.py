@@ -8,6 +8,7 @@ The page answers at a glance, then explains. From the top:
     run                            run.json                            univ correlate
     correlations vs baseline       neurons.parquet, histograms.parquet univ correlate
     universal neurons per layer    neurons.parquet (+ universal flags) univ correlate / universal / analyze
+    depth (models of >= 3 layers)  the same + profiles, roles, CKA     univ correlate / analyze / roles
     universal vs other statistics  profiles.parquet or stats.parquet   univ analyze / stats
     families                       profiles.parquet, families.parquet  univ analyze
     top-activating contexts        top_examples.parquet                univ analyze
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from univ.depth import FIGURES as DEPTH_FIGURES
 from univ.errors import UserError
 
 __all__ = ["FIGURES", "GLOSSARY", "register", "run_report"]
@@ -73,6 +75,7 @@ FIGURES = {
     "corr_pairs": "distribution of all pairwise correlations per compared model",
     "layer_similarity": "linear CKA between every layer of the model and every layer of each other seed",
     "universal_by_layer": "fraction of universal neurons per layer",
+    **DEPTH_FIGURES,
     "universal_stats": "within-layer percentiles of universal neurons' statistics (box plots)",
     "family_counts": "universal neurons per family",
     "prediction_trend": "percentiles of vocab kurtosis and skew per layer, and role counts",
@@ -481,6 +484,16 @@ def _universal(page: _Page, flags: pd.DataFrame | None, source: str, run_dir: Pa
                  "excess correlation is in the Correlations section; a lower cut: "
                  f"<code>univ analyze {html.escape(str(run_dir))} --threshold 0.3</code>.</p>")
     page.add("universal", "Universal neurons", body)
+
+
+def _depth(page: _Page, neurons: pd.DataFrame | None, flags: pd.DataFrame | None, stats: pd.DataFrame | None,
+           roles: pd.DataFrame | None, run_dir: Path) -> None:  # fmt: skip
+    """Universality, correlations, statistics and roles layer by layer (models of >= 3 layers; see univ.depth)."""
+    from univ import depth
+    from univ.cka import read_layer_similarity
+
+    depth.draw(page, neurons=neurons, flags=flags, stats=stats, roles=roles,
+               similarity=read_layer_similarity(run_dir), new_figure=_new_figure)  # fmt: skip
 
 
 def _statistics(page: _Page, table: pd.DataFrame | None, source: str, run_dir: Path) -> None:
@@ -1261,6 +1274,7 @@ def run_report(
         ("correlations", "Correlations",
          lambda: _correlations(page, neurons, read("histograms.parquet", "univ correlate … --out"), run_dir)),
         ("universal", "Universal neurons", lambda: _universal(page, flags, flag_source, run_dir, max_cards)),
+        ("depth", "Depth", lambda: _depth(page, neurons, flags, stats_table, roles, run_dir)),
         ("cards", "Universal neurons, one by one",
          lambda: _cards(page, flags, raw_roles, top, manifest, run_dir, labels, seen, max_cards, max_examples)),
         ("statistics", "Universal vs other neurons",
