@@ -163,7 +163,7 @@ def test_fp16_weights(tmp_path):
 def test_ensure_zoo_uses_the_cache_without_training(micro_zoo, tmp_path, monkeypatch):
     root, _ = micro_zoo
     monkeypatch.setenv("UNIV_CACHE", str(tmp_path))
-    monkeypatch.setattr(zoo, "shipped_zoo_dir", lambda: None)
+    monkeypatch.setattr(zoo, "shipped_zoo_dir", lambda name="default": None)
     cached = tmp_path / "zoo" / zoo._config_key(zoo.MICRO_CONFIG, (0, 1))
     shutil.copytree(root, cached)
 
@@ -216,17 +216,76 @@ def test_cli_train_and_info(tmp_path, capsys):
 # --- the shipped zoo ------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(zoo.shipped_zoo_dir() is None, reason="this install has no shipped zoo")
-def test_shipped_zoo_is_intact():
+@pytest.mark.parametrize("name", list(zoo.ZOOS))
+def test_shipped_zoo_is_intact(name):
     from transformers import AutoConfig
 
-    shipped = zoo.shipped_zoo_dir()
+    shipped = zoo.shipped_zoo_dir(name)
+    assert shipped is not None, f"the {name} zoo is missing from univ/assets"  # the checkout ships both
     manifest = zoo.read_manifest(shipped)
-    identity = {k: v for k, v in asdict(zoo.ZooConfig()).items() if k not in zoo._NOT_IDENTITY}
+    named = zoo.ZOOS[name]
+    identity = {k: v for k, v in asdict(named.config).items() if k not in zoo._NOT_IDENTITY}
     assert {k: manifest["config"][k] for k in identity} == identity  # threads/fp16 change bytes, not the zoo
-    assert zoo.ensure_zoo(tuple(manifest["seeds"])) == shipped
+    assert manifest["seeds"] == list(named.seeds)
+    assert zoo.ensure_zoo(named.seeds, named.config, name=name) == shipped == zoo.resolve_zoo(name)
+    assert not any(shipped.glob("seed-*/step-*")), "training checkpoints do not ship"
     for m in manifest["models"]:
         for name, digest in m["sha256"].items():
             assert zoo._sha256(shipped / m["path"] / name) == digest, f"{m['path']}/{name} differs from manifest"
         assert m["val_loss"] < manifest["heldout_unigram_entropy"]
         assert AutoConfig.from_pretrained(shipped / m["path"]).n_inner == manifest["config"]["n_inner"]
+
+
+def test_train_zoo_keeps_the_seeds_an_interrupted_call_finished(tmp_path, monkeypatch):
+    cfg = replace(zoo.MICRO_CONFIG, steps=4, save_every=2)
+    zoo.train_zoo(tmp_path, (0,), cfg, progress=False)
+    stats = json.loads((tmp_path / "seed-0" / zoo.SEED_STATS).read_text())
+    assert [step for step, _ in stats["val_curve"]] == [2, 4]  # held-out loss at every checkpoint
+    assert stats["val_curve"][-1][1] == pytest.approx(stats["val_loss"], abs=0.05)  # fp32 vs fp32 as saved
+    trained = []
+    real = zoo._train_one
+    monkeypatch.setattr(zoo, "_train_one", lambda out, seed, *a, **k: trained.append(seed) or real(out, seed, *a, **k))
+    zoo.train_zoo(tmp_path, (0, 1), cfg, progress=False)
+    assert trained == [1]  # seed 0 was done with this config and its weights are intact
+    assert [m["seed"] for m in zoo.read_manifest(tmp_path)["models"]] == [0, 1]
+    weights = tmp_path / "seed-1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    zoo.train_zoo(tmp_path, (0, 1), replace(cfg, threads=1), progress=False)
+    assert trained == [1, 1]  # a damaged seed is trained again
+    zoo.train_zoo(tmp_path, (0,), replace(cfg, steps=6), progress=False)
+    assert trained == [1, 1, 0]  # another config is another zoo
+
+
+def test_resolve_zoo_names_paths_and_bad_input(micro_zoo, tmp_path):
+    from univ.errors import UserError
+
+    root, _ = micro_zoo
+    assert zoo.resolve_zoo(str(root)) == root
+    with pytest.raises(UserError, match="--zoo nope: no folder; give a shipped zoo \\(default, depth\\)"):
+        zoo.resolve_zoo("nope")
+    with pytest.raises(UserError, match="a folder without manifest.json"):
+        zoo.resolve_zoo(str(tmp_path))
+
+
+def test_zoo_info_lists_every_shipped_zoo(capsys):
+    assert _run_cli(["zoo", "info"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.ZOOS:
+        assert f"{name}: " in out
+    assert out.count("val loss") >= 8 and "min in all" in out
+    assert _run_cli(["zoo", "info", "depth"]) == 0
+    assert "6 layers" in capsys.readouterr().out
+
+
+def test_pack_zoo_leaves_checkpoints_behind(tmp_path):
+    from univ.errors import UserError
+
+    src = tmp_path / "src"
+    zoo.train_zoo(src, (0,), replace(zoo.MICRO_CONFIG, steps=2, save_every=1), progress=False)
+    dst = zoo.pack_zoo(src, tmp_path / "dst")
+    assert not any(dst.glob("seed-*/step-*")) and (dst / "seed-0" / "model.safetensors").is_file()
+    manifest = zoo.read_manifest(dst)
+    assert manifest["models"][0]["checkpoints"] == [] and len(manifest["models"][0]["val_curve"]) == 2
+    assert zoo.resolve_zoo(str(dst)) == dst
+    with pytest.raises(UserError, match="exists"):
+        zoo.pack_zoo(src, dst)

@@ -3,6 +3,7 @@
     univ demo                      # -> runs/demo/report.html
     univ demo --out /tmp/d --tokens 50000
     univ demo --fresh              # recompute every stage even if runs/demo holds them
+    univ demo --zoo depth --out runs/depth   # the 6-layer, 5-seed zoo: universality and roles over depth
 
 Steps: the shipped zoo (tiny GPT-2 seeds trained on Shakespeare; rebuilt into the cache if this install
 lacks it) → ``univ correlate`` in reference mode with the paper's Gaussian rotation baseline on held-out
@@ -56,7 +57,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     _quiet_transformers()
     started = time.perf_counter()
     out = Path(out)
-    zoo_dir = Path(zoo_dir) if zoo_dir is not None else zoo.ensure_zoo()
+    zoo_dir = zoo.resolve_zoo(zoo_dir)
     manifest = zoo.read_manifest(zoo_dir)
     seeds = zoo.seed_dirs(zoo_dir)
     log(f"zoo: {len(seeds)} seeds of a {manifest['config']['n_layer']}-layer GPT-2 "
@@ -177,13 +178,15 @@ def register(subparsers) -> None:
             "examples:\n"
             "  univ demo                                   # -> runs/demo/report.html\n"
             "  univ demo --out /tmp/demo --tokens 50000    # a shorter run\n"
-            "  univ demo --fresh                           # recompute every stage"
+            "  univ demo --fresh                           # recompute every stage\n"
+            "  univ demo --zoo depth --out runs/depth      # 6 layers, 5 seeds: the paper's depth results"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="held-out tokens to correlate over")
-    p.add_argument("--zoo", default=None, help="a zoo directory (default: the shipped zoo)")
+    p.add_argument("--zoo", default=None, metavar="NAME|DIR",
+                   help="a shipped zoo (default: 2 layers, 3 seeds; depth: 6 layers, 5 seeds) or a zoo folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage, even those OUT holds for these inputs")
     p.set_defaults(func=main)

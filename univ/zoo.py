@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -82,10 +83,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNIV_CACHE") or Path.home() / ".cache" / "univ")
 
 
-def shipped_zoo_dir() -> Path | None:
-    """The zoo packaged in ``univ/assets/zoo`` if this install has it (it has a manifest), else None."""
-    path = corpus.DATA_DIR / "zoo"
+@dataclass(frozen=True)
+class NamedZoo:
+    """A zoo that ships in ``univ/assets/<folder>``, with the config and seeds that rebuild it if it is absent."""
+
+    folder: str
+    config: ZooConfig
+    seeds: tuple[int, ...]
+    about: str
+
+
+ZOOS = {
+    "default": NamedZoo("zoo", replace(ZooConfig(), fp16=True), (0, 1, 2),
+                        "3 seeds of a 2-layer GPT-2 (d_model 256, 2 x 1024 neurons): the quick demo"),
+    "depth": NamedZoo("zoo-depth", replace(ZooConfig(), n_layer=6, n_embd=128, n_inner=512, steps=2000, fp16=True),
+                      (0, 1, 2, 3, 4), "5 seeds of a 6-layer GPT-2 (d_model 128, 6 x 512 neurons): depth results"),
+}  # fmt: skip
+
+
+def shipped_zoo_dir(name: str = "default") -> Path | None:
+    """The named zoo packaged in ``univ/assets/`` if this install has it (it has a manifest), else None."""
+    path = corpus.DATA_DIR / ZOOS[name].folder
     return path if (path / MANIFEST).exists() else None
+
+
+def resolve_zoo(spec: str | Path | None = None) -> Path:
+    """A zoo folder from a shipped zoo's name (``default``, ``depth``; None = default) or a path to a zoo folder.
+
+    A named zoo this install lacks is rebuilt into the cache (``ensure_zoo``), as the default one always was.
+    """
+    from univ.errors import UserError
+
+    name = "default" if spec is None else str(spec)
+    if name in ZOOS:
+        z = ZOOS[name]
+        return ensure_zoo(z.seeds, z.config, name=name)
+    path = Path(name)
+    if not (path / MANIFEST).is_file():
+        what = "no folder" if not path.exists() else f"a folder without {MANIFEST}"
+        raise UserError(f"--zoo {name}: {what}; give a shipped zoo ({', '.join(ZOOS)}) or a folder written by "
+                        "'univ zoo train --out DIR'")  # fmt: skip
+    return path
 
 
 def read_manifest(zoo_dir: str | Path) -> dict:
@@ -126,15 +164,15 @@ def estimate_minutes(config: ZooConfig, n_seeds: int) -> float:
     return n_seeds * config.steps * n_params * config.batch_size * config.n_ctx / 1e3 * SECONDS_PER_MPARAM_KTOKEN / 60
 
 
-def ensure_zoo(seeds: tuple[int, ...] = (0, 1, 2), config: ZooConfig | None = None) -> Path:
-    """A zoo directory with these seeds: the shipped one, else a cached one, else trained now into the cache.
+def ensure_zoo(seeds: tuple[int, ...] = (0, 1, 2), config: ZooConfig | None = None, name: str = "default") -> Path:
+    """A zoo directory with these seeds: the shipped zoo ``name``, else a cached one, else trained into the cache.
 
     The default config is the shipped zoo's, so a rebuild (an install without ``univ/assets/zoo``) trains the
     same models, byte for byte on the same kind of CPU.
     """
-    config = config or replace(ZooConfig(), fp16=True)
+    config = config or ZOOS["default"].config
     seeds = tuple(seeds)
-    shipped = shipped_zoo_dir()
+    shipped = shipped_zoo_dir(name)
     if shipped is not None and _zoo_matches(shipped, config, seeds):
         return shipped
     cached = cache_dir() / "zoo" / _config_key(config, seeds)
@@ -481,6 +519,33 @@ def train_zoo(
     return out_dir
 
 
+def pack_zoo(src: str | Path, dst: str | Path) -> Path:
+    """Copy a trained zoo without its training checkpoints (what ships): seed folders' files and the manifest.
+
+    The copy is checked against the manifest's sha256 of every weights file; ``dst`` must not exist yet.
+    """
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(src)
+    if dst.exists():
+        from univ.errors import UserError
+
+        raise UserError(f"{dst} exists; pack into a new folder")
+    tmp = dst.with_name(dst.name + ".packing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for m in manifest["models"]:
+        (tmp / m["path"]).mkdir(parents=True)
+        for f in sorted((src / m["path"]).iterdir()):
+            if f.is_file():
+                shutil.copy2(f, tmp / m["path"] / f.name)
+        for name, digest in m["sha256"].items():
+            if _sha256(tmp / m["path"] / name) != digest:
+                raise OSError(f"{src / m['path'] / name} does not match its manifest sha256")
+        m["checkpoints"] = []  # the step-* folders stay behind; the val_curve keeps what they showed
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(dst)
+    return dst
+
+
 # --- micro zoo for tests --------------------------------------------------------------------------------
 
 MICRO_CONFIG = ZooConfig(
@@ -540,16 +605,37 @@ def _summary(manifest: dict) -> str:
         f"over {manifest['corpus']['val_tokens']:,} tokens",
     ]
     for m in manifest["models"]:
-        lines.append(f"  {m['path']}: val loss {m['val_loss']:.3f}, {m['wall_s'] / 60:.1f} min")
+        curve = "".join(f", {loss:.3f} at {step}" for step, loss in m.get("val_curve") or [])
+        lines.append(f"  {m['path']}: val loss {m['val_loss']:.3f}{' (curve' + curve + ')' if curve else ''}, "
+                     f"{m['wall_s'] / 60:.1f} min")
+    lines.append(f"training: {sum(m['wall_s'] for m in manifest['models']) / 60:.0f} min in all, "
+                 f"{manifest.get('threads', manifest['config'].get('threads'))} thread(s)")
     lines.append(f"command: {manifest['command']}")
     return "\n".join(lines)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    zoo = Path(args.zoo) if args.zoo else shipped_zoo_dir()
-    if zoo is None:
-        print("No shipped zoo in this install; train one with 'univ zoo train'.", file=sys.stderr)
-        return 1
+    from univ.errors import UserError
+
+    if args.zoo is None:  # every shipped zoo
+        found = {name: shipped_zoo_dir(name) for name in ZOOS}
+        if args.json:
+            print(json.dumps({n: read_manifest(d) for n, d in found.items() if d is not None}, indent=2))
+            return 0
+        for name, path in found.items():
+            head = f"{name}: {ZOOS[name].about}"
+            print(f"{head}\n  {path}\n" + "\n".join("  " + line for line in _summary(read_manifest(path)).splitlines())
+                  if path is not None else f"{head}\n  not in this install ('univ demo --zoo {name}' rebuilds it)")
+            print()
+        return 0
+    if args.zoo in ZOOS:
+        zoo = shipped_zoo_dir(args.zoo)
+        if zoo is None:
+            raise UserError(f"the {args.zoo} zoo is not in this install; 'univ demo --zoo {args.zoo}' rebuilds it")
+    else:
+        zoo = Path(args.zoo)
+        if not (zoo / MANIFEST).is_file():
+            raise UserError(f"{zoo}: no {MANIFEST}; give a shipped zoo ({', '.join(ZOOS)}) or a zoo folder")
     manifest = read_manifest(zoo)
     print(json.dumps(manifest, indent=2) if args.json else f"{zoo}\n{_summary(manifest)}")
     return 0
@@ -619,13 +705,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_cmd_train)
 
     info = sub.add_parser(
-        "info", help="print a zoo's manifest (default: the shipped zoo)",
-        description="Print a zoo's folder, model shape, training steps, held-out losses and the command that\n"
-        "trained it (from its manifest.json).",
-        epilog="examples:\n  univ zoo info                 # the shipped zoo\n  univ zoo info /tmp/zoo --json",
+        "info", help="print a zoo's manifest (default: every shipped zoo)",
+        description="Print a zoo's folder, model shape, training steps, held-out losses (and their curve over\n"
+        "training), training time and the command that trained it (from its manifest.json).",
+        epilog="examples:\n  univ zoo info                 # every shipped zoo (default, depth)\n"
+        "  univ zoo info depth\n  univ zoo info /tmp/zoo --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("zoo", nargs="?", help="zoo folder (default: the shipped zoo)")
+    info.add_argument("zoo", nargs="?", help="a shipped zoo's name or a zoo folder (default: every shipped zoo)")
     info.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     info.set_defaults(func=_cmd_info)
 
