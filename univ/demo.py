@@ -183,7 +183,7 @@ def register(subparsers) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+    p.add_argument("--out", default=None, help="output directory (default: runs/demo, runs/demo-depth for --zoo depth)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="held-out tokens to correlate over")
     p.add_argument("--zoo", default=None, metavar="NAME|DIR",
                    help="a shipped zoo (default: 2 layers, 3 seeds; depth: 6 layers, 5 seeds) or a zoo folder")
@@ -193,7 +193,8 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    run_demo(args.out, tokens=args.tokens, zoo_dir=args.zoo, device=args.device, fresh=args.fresh)
+    out = args.out or (DEFAULT_OUT if args.zoo in (None, "default") else f"{DEFAULT_OUT}-{Path(args.zoo).name}")
+    run_demo(out, tokens=args.tokens, zoo_dir=args.zoo, device=args.device, fresh=args.fresh)
     return 0
 
 
