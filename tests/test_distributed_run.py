@@ -88,7 +88,7 @@ def assert_same_outputs(got: Path, want: Path, atol: float = 1e-6) -> None:
     a, b = pd.read_parquet(got / "neurons.parquet"), pd.read_parquet(want / "neurons.parquet")
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
     for col in a.columns:
-        if col.startswith(("argmax_", "model", "layer", "neuron")):  # all-pairs: NaN where m is the row's model
+        if col.startswith(("argmax_", "model", "layer", "neuron", "site")):  # all-pairs: NaN where m is the row's model
             assert a[col].equals(b[col]), col
         else:
             x, y = a[col].to_numpy(np.float64), b[col].to_numpy(np.float64)

@@ -61,7 +61,7 @@ from univ.stats import (
     compare_universal,
 )
 from univ.tables import check_same_run, read_table, write_parquet
-from univ.universal import format_layer_table, read_run, select_universal, universal_by_layer
+from univ.universal import format_layer_table, read_run, require_mlp_sites, select_universal, universal_by_layer
 from univ.vocab_features import vocab_features
 
 __all__ = ["PROFILE_COLUMNS", "ModelProfile", "profile_model", "profile_run", "register", "run_analyze"]
@@ -207,6 +207,7 @@ def profile_run(
     thresholds = thresholds or FamilyThresholds()
     say = print if verbose else (lambda *a, **k: None)
     manifest = read_run(run_dir)
+    require_mlp_sites(manifest, run_dir, "univ analyze")
     rid = check_same_run(run_dir, CORRELATE_TABLES, stage="univ analyze", fix=f"'univ correlate' into {run_dir}")
     labels, models = manifest["labels"], manifest["models"]
     for label in manifest["analysed"]:  # before anything slow

@@ -81,6 +81,10 @@ def register(subparsers) -> None:
     p.add_argument("--token-shards", type=int, default=None, metavar="K",
                    help="under torchrun: K ranks split the token stream, world/K split the accumulators "
                         "(default: the cost model's choice, see README)")
+    p.add_argument("--sae", action="append", default=None, metavar="DIR[,DIR...]",
+                   help="correlate SAE latents instead of MLP neurons: one --sae per model, in order, each an SAE "
+                        "folder in sae_lens's format (cfg.json + sae_weights.safetensors); several SAEs of one model "
+                        "comma-separated (see univ.sites)")
     p.set_defaults(func=main)
 
 
@@ -95,6 +99,7 @@ def config_from_args(args) -> CorrelateConfig:
         memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,
         save_state=not args.no_save_state, activation_stats=args.activation_stats,
         trust_remote_code=args.trust_remote_code, token_shards=args.token_shards,
+        sae=tuple(args.sae) if args.sae else None,
     )
 
 

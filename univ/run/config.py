@@ -51,6 +51,7 @@ class CorrelateConfig:
     bins: int = 100
     trust_remote_code: bool = False
     token_shards: int | None = None  # torchrun: ranks that split the token stream (default: the cost model's pick)
+    sae: tuple[str, ...] | None = None  # per model: its SAE folders, comma-separated (univ.sites); None: MLP neurons
 
     def __post_init__(self):
         if len(self.models) < 2:
@@ -65,6 +66,13 @@ class CorrelateConfig:
             raise ConfigError("token_shards must be ≥ 1")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be a positive number of tokens")
+        if self.sae is not None:
+            object.__setattr__(self, "sae", tuple(str(s) for s in self.sae))  # paths or strings, as the CLI gives
+            if len(self.sae) != len(self.models):
+                raise ConfigError(f"{len(self.sae)} --sae for {len(self.models)} models: give one --sae per model, "
+                                  "in order (several SAEs of one model comma-separated)")
+            if self.activation_stats:
+                raise ConfigError("--activation-stats measures MLP pre-activations; it does not apply to --sae latents")
         if self.paper_exact:
             self._apply_paper_exact()
         if self.baseline_draws is None:

@@ -61,10 +61,23 @@ def options_fingerprint(cfg: CorrelateConfig) -> dict:
     return {k: v for k, v in cfg.fingerprint().items() if k not in ("models", "data")}
 
 
+def sae_fingerprint(cfg: CorrelateConfig) -> list[dict] | None:
+    """Each model's SAE files (resolved path, sha256): new SAE weights at the same path are another run."""
+    if cfg.sae is None:
+        return None
+    from univ.sites import sae_files
+
+    return [{str(p.resolve()): h for p, h in sha256_many(sae_files(spec)).items()} for spec in cfg.sae]
+
+
 def fingerprint(cfg: CorrelateConfig, models, data_files: list[Path] | None) -> dict:
-    return {"options": json.loads(json.dumps(options_fingerprint(cfg))),
-            "models": [model_fingerprint(lm) for lm in models],
-            "data": data_fingerprint(cfg, data_files)}
+    fp = {"options": json.loads(json.dumps(options_fingerprint(cfg))),
+          "models": [model_fingerprint(lm) for lm in models],
+          "data": data_fingerprint(cfg, data_files)}
+    saes = sae_fingerprint(cfg)
+    if saes is not None:
+        fp["saes"] = saes
+    return fp
 
 
 def differences(saved: dict, now: dict) -> list[str]:
@@ -89,6 +102,10 @@ def differences(saved: dict, now: dict) -> list[str]:
                        f"{', '.join(changed)} changed (new weights at the same path)")
         if a.get("tokenizer") != b.get("tokenizer"):
             out.append(f"model {i}: tokenizer changed")
+    for i, (a, b) in enumerate(zip(saved.get("saes") or [], now.get("saes") or [], strict=False)):
+        changed = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+        if changed:
+            out.append(f"model {i}: SAE file{'s' if len(changed) > 1 else ''} {', '.join(changed)} changed")
     sd, nd = saved.get("data", {}), now.get("data", {})
     if sd.get("hub") != nd.get("hub") or sd.get("split") != nd.get("split"):
         out.append(f"data: {sd.get('hub') or 'local files'} then, {nd.get('hub') or 'local files'} now")

@@ -19,4 +19,8 @@ def load_models(cfg: CorrelateConfig, device: torch.device):
         limit = max_positions(lm)
         if limit is not None and cfg.ctx > limit:
             raise UserError(f"--ctx {cfg.ctx} exceeds {lm.name}'s {limit} positions; pass --ctx {limit} or less")
+    if cfg.sae is not None:  # the SAEs' latents are the run's neurons (univ.sites)
+        from univ.sites import with_saes
+
+        models = with_saes(models, cfg.sae)
     return models

@@ -32,6 +32,8 @@ def neuron_table(state: RunState, models, labels: list[str], cfg: CorrelateConfi
             "layer": np.repeat(np.arange(lm.n_layers), lm.d_mlp),
             "neuron": np.tile(np.arange(lm.d_mlp), lm.n_layers),
         }
+        if hasattr(lm, "site_names"):  # SAE latents: "layer" is the SAE's index, "site" its hook point
+            cols["site"] = np.repeat(np.array(lm.site_names, dtype=object), lm.d_mlp)
         others = sorted(m for x, m in state.results if x == a)
         maxes = [_inf_to_nan(state.results[(a, m)]["max"]).numpy().astype(np.float64) for m in others]
         bases = [_inf_to_nan(state.results[(a, m)]["base"]).numpy().astype(np.float64) for m in others]  # [K, n]
@@ -101,6 +103,10 @@ def build_manifest(cfg: CorrelateConfig, state: RunState, plan: Plan, models, la
         "models": list(cfg.models),
         "labels": labels,
         "analysed": [labels[a] for a in sorted({a for a, _ in state.results})],
+        # what a neuron is: MLP neurons, or each model's SAE latents (their hooks and d_sae)
+        "sites": ({"kind": "sae", "models": [{"saes": [str(s.path) for s in lm.saes], "hooks": lm.site_names,
+                                              "d_sae": lm.d_mlp} for lm in models]}
+                  if cfg.sae is not None else {"kind": "mlp"}),
         "data": {"source": cfg.data, "ctx": cfg.ctx, "batch_size": cfg.batch_size, "seed": cfg.seed,
                  "max_tokens": cfg.tokens, "text_field": cfg.text_field, "split": cfg.split,
                  "exclude_newlines": cfg.exclude_newlines,

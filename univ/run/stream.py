@@ -115,11 +115,15 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
         if active is not None and i not in active:
             acts.append(None)
             continue
-        want_pre = i in state.act_stats and state.pass_index == state.stats_pass.get(i, 0)
-        got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
-        if want_pre:
-            pres[i] = (got.pre, got.post)
-        acts.append(round_activations(got.post.reshape(got.post.shape[0], -1), activation_dtype))  # [T, L·d]
+        if hasattr(lm, "saes"):  # SAE latents as the neurons (univ.sites.SiteModel)
+            post = lm.latents(input_ids, keep)  # [T, n_saes, d_sae]
+        else:
+            want_pre = i in state.act_stats and state.pass_index == state.stats_pass.get(i, 0)
+            got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
+            if want_pre:
+                pres[i] = (got.pre, got.post)
+            post = got.post
+        acts.append(round_activations(post.reshape(post.shape[0], -1), activation_dtype))  # [T, L·d]
     _sync(state.device)
     t1 = time.perf_counter()
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
