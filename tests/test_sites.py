@@ -137,6 +137,12 @@ def test_bad_saes_are_one_line_errors_and_write_nothing(tiny, tmp_path, case, ma
     assert not (out / "run.json").exists() and not (out / "neurons.parquet").exists()
 
 
+def test_sae_preprocessing_univ_does_not_apply_is_refused(tmp_path):
+    with pytest.raises(SaeError, match="normalize_activations 'layer_norm' is not supported"):
+        load_sae(write_sae(tmp_path / "n", torch.randn(4, 6), torch.zeros(6), hook="blocks.0.hook_mlp_out",
+                           normalize_activations="layer_norm"))  # fmt: skip
+
+
 def test_load_sae_reads_topk_k_from_either_place(tmp_path):
     for i, extra in enumerate(({"k": 3}, {"activation_fn_kwargs": {"k": 3}})):
         sae = load_sae(write_sae(tmp_path / f"s{i}", torch.randn(4, 6), torch.zeros(6), arch="topk",
@@ -193,3 +199,40 @@ def test_sae_sites_on_ranks_equal_one_process(tiny, tmp_path, world, token_shard
     correlate(CorrelateConfig(**cfg, out=str(single)), progress=False, log=lambda *_: None)
     spawn(_rank_run, world, tmp_path, {**cfg, "out": str(tmp_path / "ranks"), "token_shards": token_shards})
     assert_same_outputs(tmp_path / "ranks", single, atol=2e-6)
+
+
+def test_roles_of_latents_from_their_decoder_rows(tiny, tmp_path):
+    """A latent whose decoder row is a token's unembedding predicts it, its negative suppresses it; latents that
+    copy MLP neurons get the neurons' own vocabulary scores; interventions are said not to apply."""
+    from univ.models import load_model
+    from univ.roles import RoleThresholds, run_roles, vocab_role_scores
+    from univ.weights import processed_unembedding
+
+    _, a, b, data = tiny
+    lm = load_model(str(a), device="cpu")
+    w_u, _ = processed_unembedding(lm)
+    token = 17
+    g = torch.Generator().manual_seed(3)
+    W_dec = torch.randn(8, D_MODEL, generator=g)
+    W_dec[0], W_dec[1] = 5 * w_u[:, token], -5 * w_u[:, token]
+    sae = write_sae(tmp_path / "sae-res", torch.randn(D_MODEL, 8, generator=g), torch.ones(8),
+                    hook="blocks.1.hook_resid_post", W_dec=W_dec)  # fmt: skip
+    _run([a, b], [sae, sae], data, tmp_path / "run")
+    # in d_model 32 over 512 random unembeddings one aligned token lifts the kurtosis to ~4, not the paper's 10
+    roles = pd.read_parquet(run_roles(tmp_path / "run", device="cpu", thresholds=RoleThresholds(kurt=3.8)))
+    first = roles[roles["model"] == roles["model"].iloc[0]].set_index("neuron")
+    assert first.loc[0, "role"] == "prediction" and first.loc[1, "role"] == "suppression"
+    assert first.loc[0, "top_promoted_ids"][0] == token and first.loc[1, "top_suppressed_ids"][0] == token
+    assert (first["site"] == "blocks.1.hook_resid_post").all()
+    info = json.loads((tmp_path / "run" / "roles.json").read_text())
+    assert "not applied to SAE latents" in " ".join(info["models"][roles["model"].iloc[0]]["notes"])
+
+    eye = [write_sae(tmp_path / f"eye-{la}", torch.eye(D_MLP), torch.full((D_MLP,), 10.0),
+                     hook=f"blocks.{la}.mlp.hook_post") for la in range(N_LAYERS)]  # fmt: skip
+    spec = ",".join(map(str, eye))
+    _run([a, b], [spec, spec], data, tmp_path / "eye")
+    lat = pd.read_parquet(run_roles(tmp_path / "eye", device="cpu"))
+    lat = lat[lat["model"] == lat["model"].iloc[0]].sort_values(["layer", "neuron"])
+    neu = vocab_role_scores(lm).sort_values(["layer", "neuron"])
+    for col in ("vocab_kurt", "vocab_skew", "vocab_var"):
+        np.testing.assert_allclose(lat[col].to_numpy(), neu[col].to_numpy(), rtol=1e-4, atol=1e-6, err_msg=col)

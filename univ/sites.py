@@ -122,6 +122,11 @@ def load_sae(folder: str | Path) -> Sae:
     if match is None:
         raise SaeError(f"{cfg_path}: hook_name {hook!r} is not a hook univ reads; use blocks.L.hook_resid_pre, "
                        "blocks.L.hook_resid_post, blocks.L.hook_mlp_out or blocks.L.mlp.hook_post")  # fmt: skip
+    for name, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
+                        ("rescale_acts_by_decoder_norm", False)):  # fmt: skip
+        if cfg.get(name, plain) not in (plain, None):
+            raise SaeError(f"{cfg_path}: {name} {cfg[name]!r} is not supported (univ encodes the raw hooked "
+                           f"activations; {name} must be {plain!r})")  # fmt: skip
     k = None
     if arch == "topk":
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))

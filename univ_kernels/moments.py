@@ -101,6 +101,7 @@ class ColumnMoments:
         run its ``update_pair`` calls (and ``commit``) before preparing the next batch of the same side.
         """
         check_activations(x, self.name, self.n_cols)
+        x = x.detach()  # statistics, not a graph: activations from a traced forward (nnsight) may require grad
         if x.device != self.device:
             raise ValueError(
                 f"{self.name} is on {x.device} but its accumulator is on {self.device}; move the batch "

@@ -32,7 +32,7 @@ from univ.roles.attention import BosScores, bos_path_intervention, bos_scores, s
 from univ.roles.entropy import DEFAULT_MULTIPLES, default_null_dims, entropy_intervention, entropy_scores
 from univ.roles.vocab import ROLE_NAMES, RoleThresholds, classify_roles, top_tokens, vocab_role_scores
 from univ.tables import check_same_run, write_parquet
-from univ.universal import read_run, require_mlp_sites
+from univ.universal import read_run
 
 __all__ = [
     "parse_neurons",
@@ -158,9 +158,13 @@ def run_roles(
     say = log or (lambda _msg: None)
     run_dir = Path(run_dir)
     manifest = read_run(run_dir)
-    require_mlp_sites(manifest, run_dir, "univ roles")
     rid = check_same_run(run_dir, STAGE_INPUTS, stage="univ roles", fix=f"'univ analyze {run_dir}'")
     thresholds = thresholds or RoleThresholds()
+    if (manifest.get("sites") or {}).get("kind") == "sae":  # latents: vocabulary roles from the decoder rows
+        from univ.roles.latents import run_latent_roles
+
+        return run_latent_roles(run_dir, manifest, rid, models=list(models) if models else None, device=device,
+                                dtype=dtype, thresholds=thresholds, log=log, write_parquet=_write_parquet)  # fmt: skip
     labels = list(manifest["labels"])
     chosen = list(models) if models else list(manifest["analysed"])
     unknown = [m for m in chosen if m not in labels]

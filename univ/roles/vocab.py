@@ -34,6 +34,7 @@ __all__ = [
     "classify_roles",
     "layer_trend",
     "top_tokens",
+    "top_tokens_of",
     "vocab_role_scores",
 ]
 
@@ -81,12 +82,19 @@ def top_tokens(lm: LoadedModel, neurons: Iterable[tuple[int, int]], k: int = TOP
     strongest first; strings decoded one token at a time).
     """
     neurons = sorted({(int(l_), int(n)) for l_, n in neurons})
+    mlps = processed_mlp_weights(lm) if neurons else []
+    return top_tokens_of(lm, {(layer, n): mlps[layer].w_out[n] for layer, n in neurons}, k)
+
+
+@torch.no_grad()
+def top_tokens_of(lm: LoadedModel, directions: dict[tuple[int, int], torch.Tensor],
+                  k: int = TOP_TOKENS) -> pd.DataFrame:
+    """``top_tokens`` for any output directions in the residual stream (SAE latents' decoder rows too)."""
     w_u, _ = processed_unembedding(lm)  # [d_model, V]
-    mlps = processed_mlp_weights(lm)
     k = min(k, w_u.shape[1])
     rows = []
-    for layer, n in neurons:
-        effect = mlps[layer].w_out[n] @ w_u  # [V]
+    for (layer, n), direction in sorted(directions.items()):
+        effect = direction.to(w_u) @ w_u  # [V]
         up = torch.topk(effect, k).indices.tolist()
         down = torch.topk(-effect, k).indices.tolist()
         rows.append(
