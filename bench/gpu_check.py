@@ -418,6 +418,39 @@ def check_finalize(shape, device, repeats):
     return ok
 
 
+def check_pairs(shape, op_name, device, repeats):
+    """The gathered candidate-pairs kernel (univ_kernels.pairs) vs float64, C poisoned around, repeats bit-equal."""
+    from univ_kernels.pairs import gathered_comoment_update
+
+    t, n_a, n_b = shape
+    op = DTYPES[op_name]
+    x_a, x_b = latent_pair(t, n_a, n_b, device, torch.float32, seed=23)
+    a, b = (x_a - x_a.mean(0)).to(op), (x_b - x_b.mean(0)).to(op)
+    k = 37  # not a multiple of the candidate tile
+    cand = torch.randint(0, n_b, (n_a, k), device=device, generator=torch.Generator(device=device).manual_seed(5))
+    s2 = torch.outer(a.double().square().sum(0), b.double().square().sum(0)).sqrt().clamp(min=1e-30).gather(1, cand)
+    exact = (a.double().T @ b.double()).gather(1, cand)
+
+    def run():
+        buf = torch.full((n_a + 2, k + 9), float("nan"), device=device)
+        c = buf[1 : 1 + n_a, 4 : 4 + k]
+        c.zero_()
+        gathered_comoment_update(c, a, b, cand, backend="triton")
+        return c, buf
+
+    (c, buf), equal = repeat(run, repeats)
+    err = float(((c.double() - exact).abs() / s2).max())
+    inside = torch.zeros_like(buf, dtype=torch.bool)
+    inside[1 : 1 + n_a, 4 : 4 + k] = True
+    outside_ok = bool(torch.isnan(buf[~inside]).all())
+    ok = err <= 1e-5 and equal and outside_ok and bool(torch.isfinite(c).all())
+    row = record("correctness", "candidate pairs", dtypes=f"{op_name} ops", shape=f"{t}x{n_a}x{n_b} k={k}",
+                 metric="max |dr|", error=err, tol=1e-5, repeat_equal=equal, status=status(ok),
+                 note="" if outside_ok else "WROTE OUTSIDE C")  # fmt: skip
+    report(row)
+    return ok
+
+
 def attempt(check, *args) -> bool:
     """Run one check; an exception is a FAIL with its message, and the other checks still run."""
     try:
@@ -459,6 +492,8 @@ def run_correctness(device, shapes, repeats) -> bool:
             for gemm in gemms:
                 ok &= attempt(check_symmetric, shape, op_name, gemm, device, repeats)
         ok &= attempt(check_finalize, shape, device, repeats)
+        for op_name in DTYPES:
+            ok &= attempt(check_pairs, shape, op_name, device, repeats)
     for shape in TMA_SHAPES if device.type == "cuda" else TMA_SHAPES_INTERPRET:  # aligned rows: TMA really runs
         for op_name in ("float16", "bfloat16"):
             ok &= attempt(check_comoment, shape, op_name, "triton-tma", device, repeats)

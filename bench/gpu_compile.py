@@ -77,6 +77,7 @@ class Result:
 
 
 def jobs_for(targets: list[int], quick: bool) -> list[Job]:
+    from univ_kernels import pairs
     from univ_kernels.comoment import BLOCKED_SHAPES, BLOCKED_SHAPES_FP32, TMA_SHAPES
     from univ_kernels.finalize import BLOCK_M, BLOCK_N, NUM_WARPS
 
@@ -104,6 +105,8 @@ def jobs_for(targets: list[int], quick: bool) -> list[Job]:
                 for shape in tma:
                     jobs.append(Job("comoment-tma", f"{dt} {_shape_name(shape)}", cap, (dt, *shape)))
         jobs.append(Job("finalize", f"{BLOCK_M}x{BLOCK_N} w{NUM_WARPS} bins=100", cap, (BLOCK_M, BLOCK_N, NUM_WARPS)))
+        for dt in ("float32",) if quick else ("float32", "bfloat16"):
+            jobs.append(Job("pairs", f"{dt} {pairs.BLOCK_I}x{pairs.BLOCK_J}x{pairs.BLOCK_T}", cap, (dt,)))
     return jobs
 
 
@@ -187,6 +190,17 @@ def _launch(job: Job):
         args = (c, *vec, *row, *col, hist, N, N, c.stride(0), c.stride(1))
         kw = dict(BINS=100, HIST_PAD=128, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
         return finalize._finalize_kernel, args, kw
+    if job.kernel == "pairs":
+        from univ_kernels import pairs
+
+        op_dt = dt[job.params[0]]
+        a, b = torch.empty((T, N), dtype=op_dt), torch.empty((T, N), dtype=op_dt)
+        cand = torch.empty((N, 32), dtype=torch.int64)
+        c = torch.empty((N, 32))
+        args = (a, b, cand, c, T, N, 32, a.stride(0), a.stride(1), b.stride(0), b.stride(1), cand.stride(0),
+                c.stride(0))  # fmt: skip
+        kw = dict(BLOCK_I=pairs.BLOCK_I, BLOCK_J=pairs.BLOCK_J, BLOCK_T=pairs.BLOCK_T, num_warps=4)
+        return pairs._gathered_kernel, args, kw
     raise ValueError(job.kernel)
 
 

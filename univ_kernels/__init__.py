@@ -5,12 +5,14 @@ Standalone (torch, triton, numpy, safetensors); never imports ``univ``. Public p
 - ``StreamingCorrelation``: the stateful accumulator (update, merge, summary, save/load).
 - ``ColumnMoments``: per-side moments, shareable by many pairs (prepare → ``update_pair`` per pair → commit).
 - ``prepass``, ``comoment_update``, ``correlation_summary``, ``correlation_matrix``: the functional ops.
+- ``gathered_comoment_update``, ``update_candidate_pairs``: co-moments of chosen pairs only (``pairs``).
 """
 
 from univ_kernels._launch import interpreting, resolve_backend
 from univ_kernels.comoment import comoment_update, comoment_update_torch
 from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary, summary_torch
 from univ_kernels.moments import ColumnMoments, PreparedBatch, update_pair
+from univ_kernels.pairs import gathered_comoment_update, update_candidate_pairs
 from univ_kernels.prepass import Prepassed, column_sums, prepass, prepass_torch
 from univ_kernels.streaming import StreamingCorrelation, atomic_write_bytes, default_operand_dtype
 
@@ -27,10 +29,12 @@ __all__ = [
     "correlation_matrix",
     "correlation_summary",
     "default_operand_dtype",
+    "gathered_comoment_update",
     "interpreting",
     "prepass",
     "prepass_torch",
     "resolve_backend",
     "summary_torch",
+    "update_candidate_pairs",
     "update_pair",
 ]

@@ -7,8 +7,8 @@ form, the same numerics contract as ``update_pair``: operands centred on their b
 ``ColumnMoments.prepare``, Chan's merge term as the extra correction row of the augmented fp32 operands (or an
 fp32 product for 16-bit operands), fp32 accumulation. Its entries equal the dense C's at the same positions.
 
-Backends: ``torch`` gathers the candidate columns a block of rows at a time (a [T, rows, k] operand of at most
-``GATHER_BYTES``) and contracts with ``einsum``; ``triton`` loads each program's rows of A and the gathered
+Backends: ``torch`` transposes both operands token-major, gathers each block of rows' candidates as whole rows (a
+[rows, k, T] operand of at most ``GATHER_BYTES``) and contracts with one batched matrix-vector product; ``triton`` loads each program's rows of A and the gathered
 columns of B tile by tile over T and accumulates their products in fp32 registers (CUDA cores: a gather has no
 tensor-core form). Throughput per useful FLOP against the dense GEMM is measured in ``bench/bench_pairs.py``.
 """
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["gathered_comoment_update", "update_candidate_pairs"]
 
-GATHER_BYTES = 64 << 20  # torch backend: the gathered [T, rows, k] block of B
+GATHER_BYTES = 64 << 20  # torch backend: the gathered [rows, k, T] block of B
 BLOCK_I, BLOCK_J, BLOCK_T = 32, 16, 16  # triton: rows × candidates per program, tokens per step
 
 
@@ -73,12 +73,16 @@ def gathered_comoment_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
 
 def _update_torch(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cand: torch.Tensor) -> None:
     t, (n_a, k) = a.shape[0], cand.shape
-    rows = max(1, GATHER_BYTES // (4 * t * k))
+    # token-major rows: a candidate is one contiguous row of T values, so the gather is a row copy
+    a_t, b_t = a.T.float().contiguous(), b.T.float().contiguous()  # [n_a, T], [n_b, T]
+    rows = max(1, min(n_a, GATHER_BYTES // (4 * t * k)))
     idx = cand.long()
+    buf = torch.empty(rows * k, t, device=a.device)  # one gather buffer for every block (page faults once)
     for start in range(0, n_a, rows):
         stop = min(n_a, start + rows)
-        g = b[:, idx[start:stop]].float()  # [T, rows, k]
-        c[start:stop] += torch.einsum("tr,trk->rk", a[:, start:stop].float(), g)
+        g = torch.index_select(b_t, 0, idx[start:stop].flatten(), out=buf[: (stop - start) * k])
+        g = g.view(stop - start, k, t)  # [rows, k, T]
+        c[start:stop] += torch.bmm(g, a_t[start:stop, :, None]).squeeze(-1)  # one [k, T] @ [T] per row
 
 
 def _update_triton(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cand: torch.Tensor) -> None:
