@@ -115,7 +115,7 @@ def test_encode_follows_sae_lens_architectures():
     ("d_in", r"cfg.json: d_in 31 does not match .*blocks.0.hook_resid_post width 32"),
     ("weights", r"sae_weights.safetensors: missing"),
     ("arch", r"cfg.json: architecture 'gated' is not supported"),
-    ("hook", r"cfg.json: hook_name 'blocks.0.attn.hook_z' is not a hook univ reads"),
+    ("hook", r"cfg.json: hook_name: hook 'blocks.0.attn.hook_z' is not one univ reads"),
     ("shape", r"b_enc has shape \(5,\); cfg.json's d_in 32 and d_sae 8 need \(8,\)"),
     ("count", r"1 --sae for 2 models"),
 ])  # fmt: skip

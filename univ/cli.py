@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("univ.demo", "the whole pipeline on the shipped seed zoo (offline, CPU)"),
     "zoo": ("univ.zoo", "train or inspect the toy seed zoo (tiny GPT-2s on Shakespeare)"),
     "sweep": ("univ.sweep", "universality over training: correlate the seeds at each checkpoint"),
+    "sae": ("univ.sae_train", "train a small TopK SAE on a model's hook (sae_lens format, for --sae)"),
 }  # fmt: skip
 
 # File errors a user causes at the command line; converted to one line (exit 2) instead of a traceback.

@@ -76,6 +76,7 @@ FIGURES = {
     "layer_similarity": "linear CKA between every layer of the model and every layer of each other seed",
     "universal_by_layer": "fraction of universal neurons per layer",
     **DEPTH_FIGURES,
+    "latents_alignment": "SAE latents' decoder rows vs the closest neuron's w_out (with --compare)",
     "universal_stats": "within-layer percentiles of universal neurons' statistics (box plots)",
     "family_counts": "universal neurons per family",
     "prediction_trend": "percentiles of vocab kurtosis and skew per layer, and role counts",
@@ -1210,13 +1211,15 @@ def _assemble(page: _Page, title: str) -> str:
 
 
 def run_report(
-    run_dir: str | Path, *, max_neurons: int = 50, max_examples: int = 5, max_cards: int = MAX_CARDS
+    run_dir: str | Path, *, max_neurons: int = 50, max_examples: int = 5, max_cards: int = MAX_CARDS,
+    compare: str | Path | None = None,
 ) -> Path:
     """Render DIR/report.html (+ DIR/figures/*.png, DIR/tables/*.csv) from whatever the run directory holds.
 
     Prints nothing; returns the path of the page. Needs run.json or neurons.parquet (else a UserError); every
     other table is optional (its section says which command makes it). ``max_neurons``/``max_examples`` cap
-    the contexts section, ``max_cards`` the universal neurons with a card.
+    the contexts section, ``max_cards`` the universal neurons with a card. ``compare``: a run of the same seeds'
+    SAE latents on the same tokens, for the "Neurons and SAE latents" section (``univ.latents``).
     """
     from univ.tables import run_id
 
@@ -1291,6 +1294,11 @@ def run_report(
          lambda: _attention(page, read("bos_scores.parquet", "univ roles"), read("attention.parquet", "univ roles"),
                             read("attention_points.parquet", "univ roles"), run_dir, roles_info)),
     ]  # fmt: skip
+    if compare is not None:
+        from univ import latents
+
+        sections.append(("latents", "Neurons and SAE latents",
+                         lambda: latents.draw(page, run_dir, Path(compare), _new_figure)))  # fmt: skip
     for anchor_id, title, draw in sections:
         try:
             draw()
@@ -1331,7 +1339,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _main(args: argparse.Namespace) -> int:
     out = run_report(args.dir, max_neurons=args.max_neurons, max_examples=args.max_examples,
-                     max_cards=args.max_cards)  # fmt: skip
+                     max_cards=args.max_cards, compare=args.compare)  # fmt: skip
     print(out.resolve() if out is not None else out)
     return 0
 
@@ -1360,5 +1368,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=5, help="contexts per neuron (default 5)")
     p.add_argument("--max-cards", type=int, default=MAX_CARDS,
                    help=f"universal neurons with a card of their own, strongest first (default {MAX_CARDS})")
+    p.add_argument("--compare", metavar="LATENT_RUN", default=None,
+                   help="a 'univ correlate --sae' run of the same seeds on the same tokens: adds the section "
+                        "comparing universal neurons with universal SAE latents")
     p.set_defaults(func=_main)
     return p

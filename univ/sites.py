@@ -29,7 +29,8 @@ from torch import Tensor
 
 from univ.errors import UserError
 
-__all__ = ["ARCHITECTURES", "Sae", "SaeError", "SiteModel", "load_sae", "with_saes"]
+__all__ = ["ARCHITECTURES", "Sae", "SaeError", "SiteModel", "hooked_activations", "load_sae", "parse_hook",
+           "with_saes"]
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 CFG_FILE = "cfg.json"
@@ -118,10 +119,10 @@ def load_sae(folder: str | Path) -> Sae:
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if not isinstance(hook, str):
         raise SaeError(f"{cfg_path}: field 'metadata.hook_name' (or 'hook_name') missing")
-    match = HOOK.match(hook)
-    if match is None:
-        raise SaeError(f"{cfg_path}: hook_name {hook!r} is not a hook univ reads; use blocks.L.hook_resid_pre, "
-                       "blocks.L.hook_resid_post, blocks.L.hook_mlp_out or blocks.L.mlp.hook_post")  # fmt: skip
+    try:
+        layer, point = parse_hook(hook)
+    except ValueError as e:
+        raise SaeError(f"{cfg_path}: hook_name: {e}") from None
     for name, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
                         ("rescale_acts_by_decoder_norm", False)):  # fmt: skip
         if cfg.get(name, plain) not in (plain, None):
@@ -147,7 +148,7 @@ def load_sae(folder: str | Path) -> Sae:
         if tuple(w[name].shape) != shape:
             raise SaeError(f"{weights_path}: {name} has shape {tuple(w[name].shape)}; cfg.json's d_in {d_in} and "
                            f"d_sae {d_sae} need {shape}")  # fmt: skip
-    return Sae(path=folder, hook=hook, layer=int(match.group(1)), point=match.group(2), architecture=arch,
+    return Sae(path=folder, hook=hook, layer=layer, point=point, architecture=arch,
                W_enc=w["W_enc"].float(), b_enc=w["b_enc"].float(), b_dec=w["b_dec"].float(),
                W_dec=w["W_dec"].float(), apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), k=k,
                threshold=w["threshold"].float() if "threshold" in w else None)  # fmt: skip
@@ -189,38 +190,53 @@ class SiteModel:
 
     def latents(self, input_ids: Tensor, keep: Tensor | None = None) -> Tensor:
         """Every SAE's latents for a batch: [T, n_saes, d_sae] float32 at the kept positions ([B, S] without keep)."""
-        from univ.models import _check_input_ids, _module
+        acts = hooked_activations(self.lm, [(s.layer, s.point) for s in self.saes], input_ids, keep)
+        return torch.stack([s.encode(x) for s, x in zip(self.saes, acts, strict=True)], dim=-2)
 
-        lm = self.lm
-        input_ids = _check_input_ids(lm, input_ids)
-        captured: dict[int, Tensor] = {}
-        handles = []
 
-        def store(i: int, x: Tensor) -> None:
-            x = x[0] if isinstance(x, tuple) else x
-            captured[i] = x[keep.to(x.device)] if keep is not None else x
+def parse_hook(hook: str) -> tuple[int, str]:
+    """``blocks.L.<point>`` → (L, point); ValueError for a hook univ does not read."""
+    match = HOOK.match(hook)
+    if match is None:
+        raise ValueError(f"hook {hook!r} is not one univ reads; use blocks.L.hook_resid_pre, blocks.L.hook_resid_post, "
+                         "blocks.L.hook_mlp_out or blocks.L.mlp.hook_post")  # fmt: skip
+    return int(match.group(1)), match.group(2)
 
-        try:
-            for i, s in enumerate(self.saes):
-                block = lm.layer(s.layer)
-                if s.point == "hook_resid_pre":
-                    handles.append(block.register_forward_pre_hook(
-                        lambda mod, args, kwargs, i=i: store(i, args[0] if args else kwargs["hidden_states"]),
-                        with_kwargs=True))  # fmt: skip
-                elif s.point == "hook_resid_post":
-                    handles.append(block.register_forward_hook(lambda mod, args, out, i=i: store(i, out)))
-                elif s.point == "hook_mlp_out":
-                    handles.append(_module(block, lm.adapter.mlp_out).register_forward_hook(
-                        lambda mod, args, out, i=i: store(i, out)))  # fmt: skip
-                else:  # mlp.hook_post: what enters the output projection
-                    handles.append(_module(block, lm.adapter.mlp_out).register_forward_pre_hook(
-                        lambda mod, args, i=i: store(i, args[0])))  # fmt: skip
-            with torch.inference_mode():
-                lm.base_model(input_ids=input_ids, use_cache=False)
-                return torch.stack([s.encode(captured[i]) for i, s in enumerate(self.saes)], dim=-2)
-        finally:
-            for h in handles:
-                h.remove()
+
+def hooked_activations(lm: Any, points: list[tuple[int, str]], input_ids: Tensor,
+                       keep: Tensor | None = None) -> list[Tensor]:  # fmt: skip
+    """One forward of the base model; the activation at each (layer, point), [T, width] at the kept positions."""
+    from univ.models import _check_input_ids, _module
+
+    input_ids = _check_input_ids(lm, input_ids)
+    captured: dict[int, Tensor] = {}
+    handles = []
+
+    def store(i: int, x: Tensor) -> None:
+        x = x[0] if isinstance(x, tuple) else x
+        captured[i] = x[keep.to(x.device)] if keep is not None else x
+
+    try:
+        for i, (layer, point) in enumerate(points):
+            block = lm.layer(layer)
+            if point == "hook_resid_pre":
+                handles.append(block.register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: store(i, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))  # fmt: skip
+            elif point == "hook_resid_post":
+                handles.append(block.register_forward_hook(lambda mod, args, out, i=i: store(i, out)))
+            elif point == "hook_mlp_out":
+                handles.append(_module(block, lm.adapter.mlp_out).register_forward_hook(
+                    lambda mod, args, out, i=i: store(i, out)))  # fmt: skip
+            else:  # mlp.hook_post: what enters the output projection
+                handles.append(_module(block, lm.adapter.mlp_out).register_forward_pre_hook(
+                    lambda mod, args, i=i: store(i, args[0])))  # fmt: skip
+        with torch.inference_mode():
+            lm.base_model(input_ids=input_ids, use_cache=False)
+        return [captured[i] for i in range(len(points))]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def with_saes(models: list, sae_specs: tuple[str, ...]) -> list[SiteModel]:
