@@ -36,7 +36,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if "sm_90a" in line]
     kernels = {line.split()[0] for line in rows}
-    assert kernels == {"prepass", "comoment", "comoment-tma", "finalize"}, proc.stdout
+    assert kernels == {"prepass", "comoment", "comoment-tma", "finalize", "pairs"}, proc.stdout
     gemm_rows = [line for line in rows if line.startswith("comoment")]
     assert gemm_rows and all("wgmma" in line for line in gemm_rows), proc.stdout
     assert all(" yes " in line for line in rows if line.startswith("comoment-tma")), proc.stdout

@@ -70,3 +70,17 @@ def test_compare_finds_the_neuron_a_latent_copies(seeds, tmp_path):
     assert len(pd.read_csv(tmp_path / "neurons" / "tables" / "latents_alignment.csv")) == 16
     with pytest.raises(UserError, match="compare a run of MLP neurons"):
         compare_runs(tmp_path / "latents", tmp_path / "neurons")
+
+
+def test_the_shipped_saes_belong_to_the_shipped_zoo():
+    from univ import zoo
+
+    shipped = zoo.shipped_zoo_dir()
+    saes = zoo.shipped_saes(shipped)
+    assert saes is not None, "univ/assets/zoo-sae is missing or was trained on other weights"
+    manifest = json.loads((saes[0].parent / "manifest.json").read_text())
+    for folder, entry in zip(saes, manifest["models"], strict=True):
+        sae = load_sae(folder)
+        assert sae.hook == manifest["config"]["hook"] and sae.d_in == zoo.read_manifest(shipped)["config"]["n_embd"]
+        assert entry["heldout_fraction_variance_explained"] > 0.7 and entry["dead_latent_share"] < 0.05
+    assert zoo.shipped_saes(zoo.shipped_zoo_dir("depth")) is None  # trained on the default zoo only

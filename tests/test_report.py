@@ -101,8 +101,9 @@ def test_report_full_run(full_run: Path, capsys: pytest.CaptureFixture):
     assert out == full_run / "report.html" and capsys.readouterr().out == ""
     page = out.read_text(encoding="utf-8")
     figures = sorted(p.stem for p in (full_run / "figures").glob("*.png"))
-    assert figures == sorted(rep.FIGURES), set(rep.FIGURES) ^ set(figures)
-    assert page.count("<img") == len(rep.FIGURES) == page.count('src="data:image/png;base64,')
+    drawn = sorted(set(rep.FIGURES) - set(rep.CONDITIONAL_FIGURES))  # 2-layer models, no --compare
+    assert figures == drawn, set(drawn) ^ set(figures)
+    assert page.count("<img") == len(drawn) == page.count('src="data:image/png;base64,')
     assert 'class="missing"' not in page
     _assert_offline(page)
     for anchor in ("run", "correlations", "universal", "statistics", "families", "examples", "prediction", "entropy",
@@ -301,7 +302,8 @@ def test_report_opens_in_chromium(full_run: Path, tmp_path: Path):
     )  # fmt: skip
     probe.unlink()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "<section" in proc.stdout and proc.stdout.count("<img") == len(rep.FIGURES)
+    drawn = set(rep.FIGURES) - set(rep.CONDITIONAL_FIGURES)
+    assert "<section" in proc.stdout and proc.stdout.count("<img") == len(drawn)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     profiles = pd.read_parquet(full_run / "profiles.parquet")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ INTERVENTION_TOKENS = 2_048
 # loaded it to 12-13; the rerun reused every stage and redrew the report.
 MEASURED = ("about 160 s from scratch on a quiet 2-core CPU (834 s when other jobs load it) and 36 s\n"
             "for a rerun that reuses the stages")
+LATENTS = "latents"  # OUT/latents: the correlate run of the shipped SAEs' latents, when the zoo has them
 STATE = "demo.json"  # the inputs of the last demo in OUT and the run id each stage's outputs belong to
 STAGE_OUTPUTS = {"analyze": "profiles.parquet", "roles": "roles.parquet"}
 
@@ -94,6 +96,18 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     stage("correlate", correlate, have_run)
     state = {"inputs": inputs, "stages": {"correlate": rid}}
     _write_state(out, state)
+    saes = zoo.shipped_saes(zoo_dir)
+    if saes is not None:  # the same tokens through each seed's SAE: universal latents beside universal neurons
+        lat_out = out / LATENTS
+        lat_rid = _run_id_or_none(lat_out, run_id)
+
+        def latents() -> None:
+            run_correlate(replace(cfg, out=str(lat_out), sae=tuple(map(str, saes))), overwrite=True,
+                          progress=progress, log=lambda *_: None)  # fmt: skip
+
+        stage("latents", latents, have_run and lat_rid is not None and done.get("latents") == lat_rid)
+        state["stages"]["latents"] = run_id(lat_out)
+        _write_state(out, state)
     later = _later_stages(min(profile_tokens, tokens), intervention_tokens)
     for name, fn in later:
         output = STAGE_OUTPUTS.get(name)
@@ -164,7 +178,8 @@ def _later_stages(profile_tokens: int, intervention_tokens: int) -> list[tuple[s
         run_roles(out, tokens=intervention_tokens, log=log)
 
     def report(out, log):
-        run_report(out)
+        latents = out / LATENTS
+        run_report(out, compare=latents if (latents / "run.json").is_file() else None)
 
     return [("analyze", analyze), ("roles", roles), ("report", report)]
 

@@ -56,7 +56,7 @@ import pandas as pd
 from univ.depth import FIGURES as DEPTH_FIGURES
 from univ.errors import UserError
 
-__all__ = ["FIGURES", "GLOSSARY", "register", "run_report"]
+__all__ = ["CONDITIONAL_FIGURES", "FIGURES", "GLOSSARY", "register", "run_report"]
 
 UNIVERSAL_THRESHOLD = 0.5  # the paper's excess-correlation cut, used when no universal table exists
 MAX_TABLE_ROWS = 200  # rows shown in the page; the CSV beside it has all of them
@@ -84,6 +84,8 @@ FIGURES = {
     "bos_scores": "attention-deactivation score h vs the random-direction baseline",
     "attention_path": "path intervention: activation vs change in BOS attention and head norm",
 }
+# Figures only some runs have: the Depth section's (models of >= 3 layers) and the latents comparison (--compare).
+CONDITIONAL_FIGURES = (*DEPTH_FIGURES, "latents_alignment")
 STAT_METRICS = [
     "act_freq", "act_mean", "act_var", "act_skew", "act_kurt", "input_bias", "in_out_sim", "l2_penalty",
     "w_in_norm", "w_out_norm", "vocab_kurt", "vocab_skew",

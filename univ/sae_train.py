@@ -149,11 +149,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     d = SaeTrainConfig()
-    sae = subparsers.add_parser("sae", help="train a small TopK SAE on a model's hook (sae_lens format)",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sae = subparsers.add_parser(
+        "sae", help="train a small TopK SAE on a model's hook (sae_lens format)", description=__doc__,
+        epilog="examples:\n  univ sae train univ/assets/zoo/seed-0 --out runs/sae/seed-0\n"
+               "  univ sae train MODEL --hook blocks.3.hook_mlp_out --d-sae 4096 --k 32 --out runs/sae/mlp3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = sae.add_subparsers(dest="sae_command", metavar="SAE_COMMAND")
     sae.set_defaults(func=lambda args: sae.print_help() or 0)
     t = sub.add_parser("train", help="train one SAE into OUT", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a TopK SAE on MODEL's --hook over the shipped corpus's train split and "
+                                   "write OUT\n(cfg.json, sae_weights.safetensors, univ_sae.json).",
                        epilog="example:\n  univ sae train univ/assets/zoo/seed-0 --out runs/sae/seed-0")  # fmt: skip
     t.add_argument("model", help="hub name or folder of the model")
     t.add_argument("--out", required=True, help="the SAE folder to write")
@@ -171,3 +176,27 @@ if __name__ == "__main__":
     register(parser.add_subparsers(dest="command"))
     ns = parser.parse_args()
     sys.exit(ns.func(ns))
+
+
+def pack_zoo_saes(sae_dirs: list[Path], zoo_dir: Path, dst: Path, command: str) -> Path:
+    """Copy one SAE per zoo seed into ``dst`` (``univ/assets/zoo-sae``) with a manifest tying each to its seed's
+    weights (sha256), so ``univ.zoo.shipped_saes`` only ever pairs an SAE with the model it was trained on."""
+    import shutil
+
+    from univ.zoo import MANIFEST, read_manifest
+
+    models = read_manifest(zoo_dir)["models"]
+    if len(sae_dirs) != len(models):
+        raise ValueError(f"{len(sae_dirs)} SAEs for {len(models)} seeds")
+    dst.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for m, src in zip(models, sae_dirs, strict=True):
+        shutil.copytree(src, dst / m["path"], dirs_exist_ok=True)
+        stats = json.loads((src / "univ_sae.json").read_text())
+        entries.append({"seed": m["seed"], "path": m["path"], "model_sha256": m["sha256"]["model.safetensors"],
+                        "heldout_fraction_variance_explained": stats["heldout_fraction_variance_explained"],
+                        "dead_latent_share": stats["dead_latent_share"], "train_s": stats["train_s"]})  # fmt: skip
+    manifest = {"format": "univ-zoo-sae/1", "zoo": str(zoo_dir.name), "config": stats["config"], "models": entries,
+                "command": command}  # fmt: skip
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst

@@ -107,6 +107,25 @@ def shipped_zoo_dir(name: str = "default") -> Path | None:
     return path if (path / MANIFEST).exists() else None
 
 
+SAE_DIR = "zoo-sae"  # univ/assets/zoo-sae: one TopK SAE per seed of the default zoo (univ sae train)
+
+
+def shipped_saes(zoo_dir: str | Path | None) -> list[Path] | None:
+    """The shipped SAE folders of ``zoo_dir``'s seeds, in manifest order, when they were trained on exactly these
+    weights (their manifest records each model's sha256); None otherwise."""
+    root = corpus.DATA_DIR / SAE_DIR
+    if zoo_dir is None:
+        return None
+    try:
+        saes = json.loads((root / MANIFEST).read_text())
+        models = read_manifest(zoo_dir)["models"]
+    except (OSError, ValueError):
+        return None
+    by_weights = {m["model_sha256"]: root / m["path"] for m in saes.get("models", [])}
+    found = [by_weights.get(m["sha256"].get("model.safetensors")) for m in models]
+    return found if all(f is not None and (f / "cfg.json").is_file() for f in found) else None
+
+
 def resolve_zoo(spec: str | Path | None = None) -> Path:
     """A zoo folder from a shipped zoo's name (``default``, ``depth``; None = default) or a path to a zoo folder.
 
