@@ -89,9 +89,10 @@ def deep_run(tmp_path_factory):
     return out
 
 
-def test_report_has_a_depth_section_for_deep_models(deep_run, tmp_path):
+def test_report_has_a_depth_section_for_deep_models(deep_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(deep_run, run)
+    monkeypatch.setattr(depth, "THRESHOLD", 0.0)  # random tiny models (best excess ~0.07): a cut some pass
     page = run_report(run).read_text()
     assert 'id="depth"' in page and "Universality over depth" in page and "Max correlation per layer" in page
     assert "Statistics of universal neurons by layer" in page
@@ -106,3 +107,41 @@ def test_two_layer_models_have_no_depth_section():
     flags = _flags([5, 5])
     assert depth.draw(object(), neurons=None, flags=flags, stats=None, roles=None, similarity=None,
                       new_figure=None) is False  # fmt: skip
+
+
+def test_a_short_run_over_the_shipped_depth_zoo_finds_universal_neurons_in_several_layers(tmp_path):
+    """Three of its seeds over 25 k held-out tokens with one baseline draw: universal neurons beyond one layer."""
+    from univ import corpus, zoo
+
+    seeds = zoo.seed_dirs(zoo.shipped_zoo_dir("depth"))[:3]
+    data = corpus.write_corpus_files(tmp_path / "data", "heldout")
+    out = tmp_path / "run"
+    correlate(CorrelateConfig(models=tuple(map(str, seeds)), data=str(data), out=str(out), tokens=25_000, ctx=128,
+                              batch_size=16, device="cpu", baseline_draws=1, layer_similarity=False),
+              progress=False, log=lambda *_: None)  # fmt: skip
+    neurons = pd.read_parquet(out / "neurons.parquet")
+    layers = neurons.loc[neurons["excess_corr"] > 0.5, "layer"].unique()
+    assert len(layers) >= 2, f"universal neurons only in layers {sorted(layers)}"
+
+
+def test_no_neuron_past_the_paper_cut_switches_to_the_lower_one_and_says_so():
+    class Page:
+        def __init__(self):
+            self.sections = []
+
+        def figure(self, fig, name, caption):
+            return ""
+
+        def table(self, df, name):
+            return ""
+
+        def add(self, anchor, title, body):
+            self.sections.append(body)
+
+    from univ.report import _new_figure
+
+    flags = _flags([10, 2, 3, 8])
+    flags["excess_corr"] = flags["excess_corr"].clip(upper=0.45)  # nothing passes 0.5; some pass 0.3
+    page = Page()
+    assert depth.draw(page, neurons=None, flags=flags, stats=None, roles=None, similarity=None, new_figure=_new_figure)
+    assert "No neuron passes the paper's cut of 0.5 here" in page.sections[0] and "excess &gt; 0.3" in page.sections[0]

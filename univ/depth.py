@@ -24,6 +24,7 @@ __all__ = ["FIGURES", "MIN_LAYERS", "draw", "layer_match", "roles_by_depth", "sh
 
 MIN_LAYERS = 3
 THRESHOLD = 0.5  # the paper's excess-correlation cut
+LOWER_CUT = 0.3  # used (and said) when no neuron passes the paper's cut: the shape over depth still shows
 # Gurnee et al. 2024, per-layer universal share of GPT2-small (layers 0..11), percent.
 PAPER_GPT2_SMALL = [7.23, 7.94, 3.29, 3.58, 2.31, 2.34, 1.82, 3.65, 3.29, 4.62, 4.07, 5.76]
 DEPTH_STATS = ["act_skew", "act_kurt", "act_freq", "input_bias", "l2_penalty", "vocab_kurt"]
@@ -41,14 +42,15 @@ def _with_model(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def share_by_layer(flags: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
-    """Per (model, layer): neurons, universal count and percent, with the range over the baseline draws.
+    """Per (model, layer): neurons, universal count (excess_corr > threshold) and percent, with the range over
+    the baseline draws.
 
     ``percent_low`` counts the neurons universal against every draw (excess_min > t), ``percent_high`` those
     universal against at least one (excess_max > t): any single draw's share lies between them. Without the
     draws' columns (one-draw runs of older versions) both equal ``percent``.
     """
     df = _with_model(flags)
-    uni = df["is_universal"].fillna(False).astype(bool)
+    uni = df["excess_corr"] > threshold if "excess_corr" in df else df["is_universal"].fillna(False).astype(bool)
     low = df["excess_min"].astype(float) > threshold if "excess_min" in df else uni
     high = df["excess_max"].astype(float) > threshold if "excess_max" in df else uni
     frame = df[["model", "layer"]].assign(universal=uni, low=low, high=high)
@@ -154,6 +156,11 @@ def layer_match(similarity: pd.DataFrame) -> dict[str, float]:
 # The section
 
 
+def _at_cut(df: pd.DataFrame, cut: float) -> pd.DataFrame:
+    """is_universal := excess_corr > cut (the paper's rule at this cut), where the table has excess_corr."""
+    return df.assign(is_universal=df["excess_corr"] > cut) if "excess_corr" in df else df
+
+
 def _extremes(series: pd.Series) -> str:
     hi, lo = series.idxmax(), series.idxmin()
     return f"highest in layer {hi} ({series[hi]:.2f} %), lowest in layer {lo} ({series[lo]:.2f} %)"
@@ -207,7 +214,15 @@ def draw(page: Any, *, neurons: pd.DataFrame | None, flags: pd.DataFrame | None,
     if flags is None or "layer" not in flags or flags["layer"].nunique() < MIN_LAYERS:
         return False
     body: list[str] = []
-    share = share_by_layer(flags)
+    cut, cut_note = THRESHOLD, ""
+    if "excess_corr" in flags and not (flags["excess_corr"] > THRESHOLD).any():
+        cut = LOWER_CUT
+        cut_note = (f" <b>No neuron passes the paper's cut of {THRESHOLD} here</b> (best excess correlation "
+                    f"{flags['excess_corr'].max():.2f}); to show the shape over depth this section counts excess "
+                    f"&gt; {cut} instead — a lower bar than the paper's, wherever it says 'universal' below.")
+    flags = _at_cut(flags, cut)
+    stats = _at_cut(stats, cut) if stats is not None else None
+    share = share_by_layer(flags, cut)
     mean_share = share.groupby("layer")["percent"].mean()
     shape = shape_of(mean_share)
     spread = share.groupby("layer")["percent"].agg(["min", "max"])
@@ -217,7 +232,7 @@ def draw(page: Any, *, neurons: pd.DataFrame | None, flags: pd.DataFrame | None,
         f"Here ({share['model'].nunique()} models, mean over them): {_extremes(mean_share)}; the curve is "
         f"<b>{shape}</b>{', as in the paper' if shape == 'U-shaped' else ', unlike the paper'}. Across models a "
         f"layer's share varies by up to {float((spread['max'] - spread['min']).max()):.2f} points; the band is "
-        "the range of the share over the baseline draws.</p>"
+        f"the range of the share over the baseline draws.{cut_note}</p>"
     )
     body.append(_share_figure(page, share, new_figure))
     body.append(page.table(share, "depth_universal"))
