@@ -33,11 +33,11 @@ DEFAULT_TOKENS = 150_000  # of the ~185 k held-out tokens; enough for r to settl
 # cores (analyze over 150 k tokens took 23 s, interventions over 16 k tokens 46 s).
 PROFILE_TOKENS = 60_000
 INTERVENTION_TOKENS = 2_048
-# Measured: `univ demo` on a 2-core Intel Xeon CPU, torch 2.13.0+cpu, 2026-12-01, on a mostly quiet machine:
-# 157 s (correlate 104 s with 16 baseline draws, analyze 24 s, roles 26 s, report 3 s); 834 s while other jobs
-# loaded it to 12-13; the rerun reused every stage and redrew the report.
-MEASURED = ("about 160 s from scratch on a quiet 2-core CPU (834 s when other jobs load it) and 36 s\n"
-            "for a rerun that reuses the stages")
+# Measured: `univ demo` on a 2-core Intel Xeon CPU, torch 2.13.0+cpu, 2026-12-07, one core held by a training
+# job: 242 s (correlate 72 s with 16 baseline draws, the SAE latents 124 s, analyze 19 s, roles 24 s, report
+# 3 s); the rerun reused every stage and redrew the report in 9 s. Before the latents stage: 157 s quiet.
+MEASURED = ("about 4 minutes from scratch on a 2-core CPU and 9 s for a rerun that reuses the\n"
+            "stages")
 LATENTS = "latents"  # OUT/latents: the correlate run of the shipped SAEs' latents, when the zoo has them
 STATE = "demo.json"  # the inputs of the last demo in OUT and the run id each stage's outputs belong to
 STAGE_OUTPUTS = {"analyze": "profiles.parquet", "roles": "roles.parquet"}

@@ -28,7 +28,7 @@ __all__ = ["SaeTrainConfig", "train_sae"]
 
 @dataclass(frozen=True)
 class SaeTrainConfig:
-    hook: str = "blocks.0.hook_resid_post"
+    hook: str = "blocks.1.hook_resid_post"
     d_sae: int = 1024
     k: int = 16
     tokens: int = 1_200_000  # training tokens (the zoo's train split has ~1.4 M)
