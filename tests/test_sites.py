@@ -153,16 +153,22 @@ def test_load_sae_reads_topk_k_from_either_place(tmp_path):
                            hook="blocks.0.hook_mlp_out"))  # fmt: skip
 
 
-def test_profiles_of_latents_are_refused_clearly(tiny, tmp_path):
+def test_analyze_profiles_latents_as_it_profiles_neurons(tiny, tmp_path):
+    """Statistics and families apply to latents as they are; the weight columns come from the decoder rows."""
     from univ.analyze import run_analyze
 
     _, a, b, data = tiny
     g = torch.Generator().manual_seed(1)
-    saes = [write_sae(tmp_path / f"sae-{n}", torch.randn(D_MODEL, 16, generator=g), torch.ones(16),
+    b_enc = torch.ones(16)
+    b_enc[4] = -1e4  # never fires
+    saes = [write_sae(tmp_path / f"sae-{n}", torch.randn(D_MODEL, 16, generator=g), b_enc,
                       hook="blocks.0.hook_mlp_out") for n in "ab"]  # fmt: skip
     _run([a, b], saes, data, tmp_path / "run")
-    with pytest.raises(UserError, match="this run correlated SAE latents .*'univ analyze' profiles MLP neurons"):
-        run_analyze(tmp_path / "run", tokens=200, progress=False)
+    run_analyze(tmp_path / "run", tokens=600, progress=False, verbose=False)
+    prof = pd.read_parquet(tmp_path / "run" / "profiles.parquet").set_index("neuron")
+    assert len(prof) == 16 and prof.loc[4, "act_freq"] == 0.0 and (prof.drop(index=4)["act_freq"] > 0).all()
+    assert prof["vocab_kurt"].notna().all() and prof["w_out_norm"].notna().all()
+    assert "family" in prof and "w_in_norm" not in prof  # no MLP input weights for a latent
 
 
 def test_new_sae_weights_at_the_same_path_refuse_a_resume(tiny, tmp_path):

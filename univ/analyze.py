@@ -61,7 +61,7 @@ from univ.stats import (
     compare_universal,
 )
 from univ.tables import check_same_run, read_table, write_parquet
-from univ.universal import format_layer_table, read_run, require_mlp_sites, select_universal, universal_by_layer
+from univ.universal import format_layer_table, read_run, select_universal, universal_by_layer
 from univ.vocab_features import vocab_features
 
 __all__ = ["PROFILE_COLUMNS", "ModelProfile", "profile_model", "profile_run", "register", "run_analyze"]
@@ -111,7 +111,7 @@ def profile_model(
     """Stream ``batches`` (TokenBatch) through ``lm`` once, updating statistics, families and top-k together."""
     from tqdm.auto import tqdm
 
-    from univ.models import collect_mlp_activations
+    from univ.models import MlpActivations, collect_mlp_activations
 
     stats = ActivationStats(lm.n_layers, lm.d_mlp, device=lm.device)
     seen = 0
@@ -119,7 +119,11 @@ def profile_model(
     for batch in batches:
         if batch.n_kept == 0:
             continue
-        acts = collect_mlp_activations(lm, batch.input_ids, pre=True, post=True, keep=batch.keep)  # [T, L, d]
+        if hasattr(lm, "saes"):  # SAE latents (univ.sites): their own values are both "pre" and "post"
+            latents = lm.latents(batch.input_ids, batch.keep)
+            acts = MlpActivations(post=latents, pre=latents)
+        else:
+            acts = collect_mlp_activations(lm, batch.input_ids, pre=True, post=True, keep=batch.keep)  # [T, L, d]
         stats.update(acts.pre, acts.post)
         if families is not None:
             families.update(batch.input_ids, batch.keep, acts.post, acts.pre)
@@ -207,7 +211,7 @@ def profile_run(
     thresholds = thresholds or FamilyThresholds()
     say = print if verbose else (lambda *a, **k: None)
     manifest = read_run(run_dir)
-    require_mlp_sites(manifest, run_dir, "univ analyze")
+    sae_sites = (manifest.get("sites") or {}).get("kind") == "sae"
     rid = check_same_run(run_dir, CORRELATE_TABLES, stage="univ analyze", fix=f"'univ correlate' into {run_dir}")
     labels, models = manifest["labels"], manifest["models"]
     for label in manifest["analysed"]:  # before anything slow
@@ -227,6 +231,10 @@ def profile_run(
     stats_frames, fam_frames, top_frames, seen = [], [], [], {}
     for label in manifest["analysed"]:
         lm = load_model(models[labels.index(label)], device=device, dtype=dtype)
+        if sae_sites:  # the run's neurons are this model's SAE latents
+            from univ.sites import SiteModel, load_sae
+
+            lm = SiteModel(lm, [load_sae(p) for p in manifest["sites"]["models"][labels.index(label)]["saes"]])
         fam = top = None
         if families:
             d_vocab = int(lm.model.get_output_embeddings().weight.shape[0])
@@ -247,7 +255,13 @@ def profile_run(
         seen[label] = profile.tokens
         frame = profile.stats
         if outputs != "families":
-            frame = frame.merge(weight_stats(lm), on=["layer", "neuron"], how="left")
+            if sae_sites:  # a latent's weights: its decoder row (norm, vocab moments); the MLP columns do not apply
+                from univ.roles.latents import latent_vocab_scores
+
+                weights = latent_vocab_scores(lm).drop(columns=["site", "vocab_var_ratio"])
+            else:
+                weights = weight_stats(lm)
+            frame = frame.merge(weights, on=["layer", "neuron"], how="left")
         stats_frames.append(frame.assign(model=label))
         if profile.families is not None:
             fam_frames.append(profile.families.drop(columns=["act_kurt"], errors="ignore").assign(model=label))

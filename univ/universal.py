@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from univ.errors import UserError
 from univ.tables import run_id, write_parquet
 
 __all__ = [
@@ -66,16 +65,6 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: {len(manifest['models'])} models but {len(manifest['labels'])} labels")
     manifest.setdefault("analysed", manifest["labels"][:1])
     return manifest
-
-
-def require_mlp_sites(manifest: dict, run_dir: str | Path, stage: str) -> None:
-    """Refuse a run whose neurons are SAE latents in a stage that reads MLP weights and activations."""
-    sites = manifest.get("sites") or {"kind": "mlp"}
-    if sites.get("kind") != "mlp":
-        hooks = sorted({h for m in sites.get("models", []) for h in m.get("hooks", [])})
-        raise UserError(f"{Path(run_dir) / 'run.json'}: this run correlated SAE latents ({', '.join(hooks)}); "
-                        f"'{stage}' profiles MLP neurons and does not read latents yet ('univ universal' and "
-                        "'univ report' do)")
 
 
 def read_neurons(run_dir: str | Path) -> pd.DataFrame:

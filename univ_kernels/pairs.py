@@ -7,10 +7,11 @@ form, the same numerics contract as ``update_pair``: operands centred on their b
 ``ColumnMoments.prepare``, Chan's merge term as the extra correction row of the augmented fp32 operands (or an
 fp32 product for 16-bit operands), fp32 accumulation. Its entries equal the dense C's at the same positions.
 
-Backends: ``torch`` transposes both operands token-major, gathers each block of rows' candidates as whole rows (a
-[rows, k, T] operand of at most ``GATHER_BYTES``) and contracts with one batched matrix-vector product; ``triton`` loads each program's rows of A and the gathered
-columns of B tile by tile over T and accumulates their products in fp32 registers (CUDA cores: a gather has no
-tensor-core form). Throughput per useful FLOP against the dense GEMM is measured in ``bench/bench_pairs.py``.
+Backends: ``torch`` transposes both operands token-major, gathers each block of rows' candidates as whole rows
+(a [rows, k, T] operand of at most ``GATHER_BYTES``, one reused buffer) and contracts with one batched
+matrix-vector product; ``triton`` loads each program's rows of A and the gathered columns of B tile by tile over
+T and accumulates their products in fp32 registers (CUDA cores: a gather has no tensor-core form). Throughput
+per useful FLOP against the dense GEMM is measured in ``bench/bench_pairs.py``.
 """
 
 from __future__ import annotations
