@@ -110,7 +110,11 @@ def test_two_layer_models_have_no_depth_section():
 
 
 def test_a_short_run_over_the_shipped_depth_zoo_finds_universal_neurons_in_several_layers(tmp_path):
-    """Three of its seeds over 25 k held-out tokens with one baseline draw: universal neurons beyond one layer."""
+    """Three of its seeds over 25 k held-out tokens with one baseline draw: universal neurons beyond one layer.
+
+    At d_model 128 no neuron clears the paper's 0.5 (README, "The depth zoo": the rotated baseline is high at
+    this width), so the count is at the Depth section's lower cut, which it states wherever it uses it.
+    """
     from univ import corpus, zoo
 
     seeds = zoo.seed_dirs(zoo.shipped_zoo_dir("depth"))[:3]
@@ -120,8 +124,8 @@ def test_a_short_run_over_the_shipped_depth_zoo_finds_universal_neurons_in_sever
                               batch_size=16, device="cpu", baseline_draws=1, layer_similarity=False),
               progress=False, log=lambda *_: None)  # fmt: skip
     neurons = pd.read_parquet(out / "neurons.parquet")
-    layers = neurons.loc[neurons["excess_corr"] > 0.5, "layer"].unique()
-    assert len(layers) >= 2, f"universal neurons only in layers {sorted(layers)}"
+    layers = neurons.loc[neurons["excess_corr"] > depth.LOWER_CUT, "layer"].unique()
+    assert len(layers) >= 2, f"excess > {depth.LOWER_CUT} only in layers {sorted(layers)}"
 
 
 def test_no_neuron_past_the_paper_cut_switches_to_the_lower_one_and_says_so():

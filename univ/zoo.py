@@ -560,6 +560,10 @@ def pack_zoo(src: str | Path, dst: str | Path) -> Path:
             if _sha256(tmp / m["path"] / name) != digest:
                 raise OSError(f"{src / m['path'] / name} does not match its manifest sha256")
         m["checkpoints"] = []  # the step-* folders stay behind; the val_curve keeps what they showed
+        stats_file = tmp / m["path"] / SEED_STATS
+        if stats_file.is_file():
+            seed_stats = {**json.loads(stats_file.read_text()), "checkpoints": []}
+            stats_file.write_text(json.dumps(seed_stats, indent=2) + "\n")
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.rename(dst)
     return dst
