@@ -289,3 +289,10 @@ def test_pack_zoo_leaves_checkpoints_behind(tmp_path):
     assert zoo.resolve_zoo(str(dst)) == dst
     with pytest.raises(UserError, match="exists"):
         zoo.pack_zoo(src, dst)
+
+
+def test_the_depth_demo_analyses_every_seed(tmp_path):
+    from univ import demo
+
+    assert demo._demo_mode(zoo.shipped_zoo_dir("depth")) == "all-pairs"  # the spread across seeds per layer
+    assert demo._demo_mode(zoo.shipped_zoo_dir()) == "reference" and demo._demo_mode(tmp_path) == "reference"

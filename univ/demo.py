@@ -67,7 +67,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     data = corpus.write_corpus_files(out / "data", "heldout")
     cfg = CorrelateConfig(
         models=tuple(str(s) for s in seeds), data=str(data), out=str(out), tokens=tokens,
-        ctx=int(manifest["config"]["n_ctx"]), batch_size=batch_size, mode="reference", baseline="gaussian",
+        ctx=int(manifest["config"]["n_ctx"]), batch_size=batch_size, mode=_demo_mode(zoo_dir), baseline="gaussian",
         device=device or "cpu", dtype="float32",
     )
     inputs = _inputs(manifest, data, tokens, profile_tokens, intervention_tokens, batch_size, cfg.device)
@@ -122,6 +122,14 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     spent = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
     log(f"demo: {total:.1f} s in all ({spent}); report: {(out / 'report.html').resolve()}")
     return out
+
+
+def _demo_mode(zoo_dir: Path) -> str:
+    """A shipped zoo's demo mode (the depth zoo: all pairs, so every seed is analysed); reference otherwise."""
+    for named in zoo.ZOOS.values():
+        if zoo.corpus.DATA_DIR / named.folder == Path(zoo_dir):
+            return named.demo_mode
+    return "reference"
 
 
 def _quiet_transformers() -> None:

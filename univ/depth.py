@@ -161,6 +161,11 @@ def _at_cut(df: pd.DataFrame, cut: float) -> pd.DataFrame:
     return df.assign(is_universal=df["excess_corr"] > cut) if "excess_corr" in df else df
 
 
+def _models(share: pd.DataFrame) -> str:
+    n = share["model"].nunique()
+    return "one model" if n == 1 else f"{n} models, mean over them"
+
+
 def _extremes(series: pd.Series) -> str:
     hi, lo = series.idxmax(), series.idxmin()
     return f"highest in layer {hi} ({series[hi]:.2f} %), lowest in layer {lo} ({series[lo]:.2f} %)"
@@ -229,7 +234,7 @@ def draw(page: Any, *, neurons: pd.DataFrame | None, flags: pd.DataFrame | None,
     body.append(
         f"<h3>Universality over depth</h3><p>Paper (GPT-2 small): universal neurons are U-shaped over depth, "
         f"highest in layers 0–1 (7.2 %, 7.9 %) and the last layer (5.8 %), lowest in the middle (1.8 %). "
-        f"Here ({share['model'].nunique()} models, mean over them): {_extremes(mean_share)}; the curve is "
+        f"Here ({_models(share)}): {_extremes(mean_share)}; the curve is "
         f"<b>{shape}</b>{', as in the paper' if shape == 'U-shaped' else ', unlike the paper'}. Across models a "
         f"layer's share varies by up to {float((spread['max'] - spread['min']).max()):.2f} points; the band is "
         f"the range of the share over the baseline draws.{cut_note}</p>"

@@ -91,13 +91,15 @@ class NamedZoo:
     config: ZooConfig
     seeds: tuple[int, ...]
     about: str
+    demo_mode: str = "reference"  # how `univ demo --zoo NAME` correlates: seed 0 against the others, or all pairs
 
 
 ZOOS = {
     "default": NamedZoo("zoo", replace(ZooConfig(), fp16=True), (0, 1, 2),
                         "3 seeds of a 2-layer GPT-2 (d_model 256, 2 x 1024 neurons): the quick demo"),
     "depth": NamedZoo("zoo-depth", replace(ZooConfig(), n_layer=6, n_embd=128, n_inner=512, steps=2000, fp16=True),
-                      (0, 1, 2, 3, 4), "5 seeds of a 6-layer GPT-2 (d_model 128, 6 x 512 neurons): depth results"),
+                      (0, 1, 2, 3, 4), "5 seeds of a 6-layer GPT-2 (d_model 128, 6 x 512 neurons): depth results",
+                      demo_mode="all-pairs"),  # every seed analysed: the spread across seeds per layer
 }  # fmt: skip
 
 
