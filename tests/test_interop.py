@@ -100,3 +100,26 @@ def test_an_sae_saved_by_sae_lens_loads_encodes_and_correlates(tmp_path, arch):
     assert main(argv) == 0
     neurons = pd.read_parquet(out / "neurons.parquet")
     assert len(neurons) == 40 and (neurons["site"] == "blocks.1.hook_resid_post").all()
+
+
+def test_an_sae_release_name_is_fetched_once_through_sae_lens(tmp_path, monkeypatch):
+    sae_lens = pytest.importorskip("sae_lens")
+    from univ.sites import SaeError, load_sae
+
+    monkeypatch.setenv("UNIV_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def from_pretrained(release, sae_id, device="cpu", **kw):  # the Hub, offline: a local SAE of that id
+        calls.append((release, sae_id))
+        sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=8))
+        sae.cfg.metadata.hook_name = sae_id
+        return sae
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
+    spec = "sae_lens:tiny-res/blocks.1.hook_resid_post"
+    first, again = load_sae(spec), load_sae(spec)
+    assert calls == [("tiny-res", "blocks.1.hook_resid_post")]  # the second load reads the cached folder
+    assert first.hook == again.hook == "blocks.1.hook_resid_post" and first.path == again.path
+    assert str(first.path).startswith(str(tmp_path / "cache"))
+    with pytest.raises(SaeError, match="give sae_lens:RELEASE/SAE_ID"):
+        load_sae("sae_lens:no-id")

@@ -6,8 +6,10 @@
     univ demo --zoo depth --out runs/depth   # the 6-layer, 5-seed zoo: universality and roles over depth
 
 Steps: the shipped zoo (tiny GPT-2 seeds trained on Shakespeare; rebuilt into the cache if this install
-lacks it) → ``univ correlate`` in reference mode with the paper's Gaussian rotation baseline on held-out
-plays the models never saw → universal neurons per layer → profiles, roles and the HTML report.
+lacks it) → ``univ correlate`` in reference mode (the depth zoo: all pairs) with the paper's Gaussian rotation
+baseline on held-out plays the models never saw → the same tokens through each seed's shipped SAE
+(``OUT/latents``, default zoo) → universal neurons per layer → profiles, roles and the HTML report, which
+compares universal neurons with universal latents and, for the depth zoo, shows them layer by layer.
 
 Each stage's time is printed. A second run into the same folder with the same inputs (zoo, data, token
 budgets, device, univ version: recorded in ``OUT/demo.json``) reuses the stages whose outputs are there and

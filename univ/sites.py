@@ -97,11 +97,50 @@ def _field(cfg: dict, path: Path, name: str, kind: type) -> Any:
     return value
 
 
+RELEASE_PREFIX = "sae_lens:"  # --sae sae_lens:RELEASE/SAE_ID loads a published SAE through sae_lens (online)
+
+
+def fetch_release(spec: str) -> Path:
+    """``sae_lens:RELEASE/SAE_ID`` → a folder in the univ cache holding that SAE as sae_lens saves it.
+
+    Needs sae_lens (``pip install "univ[sae]"``) and the network the first time; later runs reuse the folder.
+    """
+    body = spec[len(RELEASE_PREFIX):]
+    release, sep, sae_id = body.partition("/")
+    if not sep or not release or not sae_id:
+        raise SaeError(f"--sae {spec}: give sae_lens:RELEASE/SAE_ID, e.g. "
+                       "sae_lens:gpt2-small-res-jb/blocks.8.hook_resid_pre")  # fmt: skip
+    from univ.zoo import cache_dir
+
+    folder = cache_dir() / "saes" / re.sub(r"[^A-Za-z0-9_.-]+", "_", body)
+    if (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return folder
+    try:
+        import sae_lens
+    except ImportError:
+        raise SaeError(f"--sae {spec}: loading a release needs sae_lens: pip install \"univ[sae]\"") from None
+    try:
+        sae = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+    except Exception as e:  # unknown release or id, no network: the library's own words, on one line
+        raise SaeError(f"--sae {spec}: sae_lens could not load it ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
+    sae = sae[0] if isinstance(sae, tuple) else sae  # older sae_lens returned (sae, cfg, sparsity)
+    tmp = folder.with_name(folder.name + ".partial")
+    sae.save_model(str(tmp))
+    tmp.rename(folder)
+    return folder
+
+
 def load_sae(folder: str | Path) -> Sae:
-    """Read an SAE folder (sae_lens's saved format); every problem is a one-line SaeError naming file and field."""
+    """Read an SAE folder (sae_lens's saved format); every problem is a one-line SaeError naming file and field.
+
+    ``sae_lens:RELEASE/SAE_ID`` is fetched first (``fetch_release``).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if str(folder).startswith(RELEASE_PREFIX):
+        folder = fetch_release(str(folder))
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     if not folder.is_dir():
@@ -251,5 +290,6 @@ def with_saes(models: list, sae_specs: tuple[str, ...]) -> list[SiteModel]:
 def sae_files(spec: str) -> list[Path]:
     """The files whose content defines model i's SAEs (for the run's fingerprint; a missing one is load_sae's
     to report)."""
-    files = [Path(p) / name for p in spec.split(",") if p for name in (CFG_FILE, WEIGHTS_FILE)]
+    files = [(fetch_release(p) if p.startswith(RELEASE_PREFIX) else Path(p)) / name
+             for p in spec.split(",") if p for name in (CFG_FILE, WEIGHTS_FILE)]
     return [f for f in files if f.is_file()]
