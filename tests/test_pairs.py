@@ -7,7 +7,7 @@ import torch
 from kernel_helpers import BACKENDS
 
 from univ_kernels import ColumnMoments, update_pair
-from univ_kernels.pairs import gathered_comoment_update, update_candidate_pairs
+from univ_kernels.pairs import gathered_comoment_update, merge_topk, row_topk, update_candidate_pairs
 
 
 def _cand(n_a: int, n_b: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -73,3 +73,39 @@ def test_bad_input_is_refused_and_changes_nothing(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         gathered_comoment_update(*args, backend="torch")
     assert (c == 0).all()
+
+
+def _moments(x: torch.Tensor):
+    """u = 0 and inv_sd = 1/(sd·√T): what turns a centred co-moment C into r = C·inv_a·inv_b (NaN when dead)."""
+    n = x.shape[0]
+    sd = x.double().std(0, unbiased=False)
+    inv = torch.where(sd > 0, 1.0 / (sd * n**0.5), torch.full_like(sd, float("nan")))
+    return torch.zeros(x.shape[1]), inv.float()
+
+
+def test_row_topk_over_column_blocks_equals_the_dense_top_k():
+    g = torch.Generator().manual_seed(4)
+    x_a, x_b = torch.randn(200, 37, generator=g), torch.randn(200, 53, generator=g)
+    x_b[:, 7] = 3.0  # a dead (constant) column never ranks
+    x_a[:, 5] = 1.0  # a dead row: NaN / -1
+    a, b = x_a - x_a.mean(0), x_b - x_b.mean(0)
+    c = (a.T @ b).float()
+    ua, ia = _moments(a)
+    ub, ib = _moments(b)
+    r = ((a.double().T @ b.double()) * ia.double()[:, None] * ib.double()[None, :]).nan_to_num(nan=-2.0)
+    k = 6
+    best = None
+    for c0 in range(0, 53, 20):  # column blocks of 20, 20, 13, merged as a screen would
+        part = row_topk(c[:, c0:c0 + 20], ua, ub[c0:c0 + 20], ia, ib[c0:c0 + 20], k, col_offset=c0)
+        best = part if best is None else merge_topk(best, part, k)
+    want = torch.topk(r, k, dim=1)
+    live = torch.arange(37) != 5
+    torch.testing.assert_close(best[0][live].double(), want.values[live], rtol=1e-5, atol=1e-5)
+    assert (best[1][live] == want.indices[live]).all() and not (best[1] == 7).any()
+    assert best[0][5].isnan().all() and (best[1][5] == -1).all()
+
+
+def test_row_topk_pads_when_fewer_columns_than_k():
+    c, u = torch.ones(3, 2), torch.zeros(2)
+    values, index = row_topk(c, torch.zeros(3), u, torch.ones(3), torch.ones(2), 4)
+    assert values.shape == (3, 4) and (index[:, 2:] == -1).all() and values[:, 2:].isnan().all()

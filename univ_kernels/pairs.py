@@ -12,6 +12,10 @@ Backends: ``torch`` transposes both operands token-major, gathers each block of 
 matrix-vector product; ``triton`` loads each program's rows of A and the gathered columns of B tile by tile over
 T and accumulates their products in fp32 registers (CUDA cores: a gather has no tensor-core form). Throughput
 per useful FLOP against the dense GEMM is measured in ``bench/bench_pairs.py``.
+
+For the screen that names the candidates: ``row_topk`` keeps each row's k largest r of a co-moment block (r
+formed a chunk of rows at a time) and ``merge_topk`` folds the lists of successive column blocks together, so a
+screen over all neurons holds O(n·k) plus one block, never the whole r.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["gathered_comoment_update", "update_candidate_pairs"]
+__all__ = ["gathered_comoment_update", "merge_topk", "row_topk", "update_candidate_pairs"]
 
 GATHER_BYTES = 64 << 20  # torch backend: the gathered [rows, k, T] block of B
 BLOCK_I, BLOCK_J, BLOCK_T = 32, 16, 16  # triton: rows × candidates per program, tokens per step
@@ -138,3 +142,46 @@ def update_candidate_pairs(c: torch.Tensor, cand: torch.Tensor, p_a: PreparedBat
     gathered_comoment_update(c, p_a.centred, p_b.centred, cand, backend=backend)
     if p_a.n_prev:
         c += p_a.correction[:, None] * p_b.correction[cand.long()]
+
+
+# --- the screen's side: each row's top candidates, a column block at a time -------------------------------------
+
+ROW_CHUNK_BYTES = 8 << 20  # r is formed this many bytes of rows at a time (as finalize's torch path)
+
+
+@torch.no_grad()
+def row_topk(c: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor, inv_sd_a: torch.Tensor, inv_sd_b: torch.Tensor,
+             k: int, *, col_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The k largest r of each row of a co-moment block and their columns: ([n_a, k] fp32, [n_a, k] int64).
+
+    r = (C − u_a u_bᵀ)·inv_sd_a·inv_sd_b as ``correlation_matrix`` forms it, a chunk of rows at a time, so the
+    dense r of the block never exists whole. Dead columns (NaN) never rank; a dead row, or a row with fewer than
+    k live columns, pads with NaN / −1. ``col_offset`` shifts the indices (a block of a wider matrix).
+    """
+    n_a, n_b = c.shape
+    values = torch.full((n_a, k), float("nan"), device=c.device)
+    index = torch.full((n_a, k), -1, dtype=torch.int64, device=c.device)
+    take = min(k, n_b)
+    if take == 0 or n_a == 0:
+        return values, index
+    rows = max(1, ROW_CHUNK_BYTES // (4 * n_b))
+    for r0 in range(0, n_a, rows):
+        r1 = min(n_a, r0 + rows)
+        r = (c[r0:r1] - u_a[r0:r1, None] * u_b[None, :]) * inv_sd_a[r0:r1, None] * inv_sd_b[None, :]
+        r = torch.nan_to_num(r.clamp_(-1.0, 1.0), nan=float("-inf"))
+        top = torch.topk(r, take, dim=1)
+        live = torch.isfinite(top.values)
+        values[r0:r1, :take] = torch.where(live, top.values, float("nan"))
+        index[r0:r1, :take] = torch.where(live, top.indices + col_offset, -1)
+    return values, index
+
+
+def merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The k best of two per-row candidate lists (values, index), NaN/−1 padding kept last: memory O(n·k)."""
+    values = torch.cat([a[0], b[0]], dim=1)
+    index = torch.cat([a[1], b[1]], dim=1)
+    top = torch.topk(torch.nan_to_num(values, nan=float("-inf")), min(k, values.shape[1]), dim=1)
+    picked = index.gather(1, top.indices)
+    live = torch.isfinite(top.values)
+    return torch.where(live, top.values, float("nan")), torch.where(live, picked, -1)
