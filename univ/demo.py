@@ -78,9 +78,9 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
     rid = _run_id_or_none(out, run_id)
     times: dict[str, float] = {}
 
-    def stage(name: str, fn: Any, cached: bool) -> None:
+    def stage(name: str, fn: Any, cached: bool, where: Path | None = None, run: str | None = None) -> None:
         if cached:
-            log(f"{name}: reused (same inputs and run {rid} in {out})")
+            log(f"{name}: reused (same inputs and run {run or rid} in {where or out})")
             return
         t0 = time.perf_counter()
         fn()
@@ -107,7 +107,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, tokens: int = DEFAULT_TOKENS, zoo
             run_correlate(replace(cfg, out=str(lat_out), sae=tuple(map(str, saes))), overwrite=True,
                           progress=progress, log=lambda *_: None)  # fmt: skip
 
-        stage("latents", latents, have_run and lat_rid is not None and done.get("latents") == lat_rid)
+        stage("latents", latents, have_run and lat_rid is not None and done.get("latents") == lat_rid, lat_out,
+              lat_rid)
         state["stages"]["latents"] = run_id(lat_out)
         _write_state(out, state)
     later = _later_stages(min(profile_tokens, tokens), intervention_tokens)

@@ -171,7 +171,7 @@ def _extremes(series: pd.Series) -> str:
     return f"highest in layer {hi} ({series[hi]:.2f} %), lowest in layer {lo} ({series[lo]:.2f} %)"
 
 
-def _share_figure(page: Any, share: pd.DataFrame, new_figure: Callable) -> str:
+def _share_figure(page: Any, share: pd.DataFrame, new_figure: Callable, cut: float = THRESHOLD) -> str:
     fig, ax = new_figure(10, 3.6, ncols=2)
     n_layers = int(share["layer"].max()) + 1
     for i, (model, g) in enumerate(share.groupby("model", sort=False)):
@@ -181,8 +181,8 @@ def _share_figure(page: Any, share: pd.DataFrame, new_figure: Callable) -> str:
         ax[0, 1].plot(depth, g["percent"], marker="os^Dv"[i % 5], color=f"C{i}", alpha=0.8)
     paper_depth = np.arange(len(PAPER_GPT2_SMALL)) / (len(PAPER_GPT2_SMALL) - 1)
     ax[0, 1].plot(paper_depth, PAPER_GPT2_SMALL, "k--", lw=1.6, label="paper: GPT2-small")
-    ax[0, 0].set(xlabel="layer", ylabel="% universal (band: over baseline draws)")
-    ax[0, 1].set(xlabel="relative depth (0 = first layer, 1 = last)", ylabel="% universal")
+    ax[0, 0].set(xlabel="layer", ylabel=f"% with excess > {cut} (band: over baseline draws)")
+    ax[0, 1].set(xlabel="relative depth (0 = first layer, 1 = last)", ylabel=f"% with excess > {cut} (paper: 0.5)")
     ax[0, 0].xaxis.get_major_locator().set_params(integer=True)
     if share["model"].nunique() > 1 or share["model"].iloc[0]:
         ax[0, 0].legend(fontsize=7)
@@ -239,7 +239,7 @@ def draw(page: Any, *, neurons: pd.DataFrame | None, flags: pd.DataFrame | None,
         f"layer's share varies by up to {float((spread['max'] - spread['min']).max()):.2f} points; the band is "
         f"the range of the share over the baseline draws.{cut_note}</p>"
     )
-    body.append(_share_figure(page, share, new_figure))
+    body.append(_share_figure(page, share, new_figure, cut))
     body.append(page.table(share, "depth_universal"))
     if neurons is not None and {"layer", "mean_corr", "mean_baseline"} <= set(neurons.columns):
         corr = corr_by_layer(neurons)
