@@ -109,6 +109,30 @@ def vector_moments(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 @torch.no_grad()
+def unit_unembedding(lm: LoadedModel) -> Tensor:
+    """The processed unembedding with unit columns [d_model, V]: what an output direction's cosines are taken with."""
+    w_u = processed_unembedding(lm)[0]
+    return w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-30)
+
+
+def vocab_moments(directions: Tensor, u_hat: Tensor) -> list:
+    """Mean, variance, skew and kurtosis over the vocabulary of cos(u_hat[:, v], direction) for each row of
+    ``directions`` [n, d_model], as numpy arrays; a zero direction has no cosine: NaN. Chunked (COS_CHUNK)."""
+    norm = directions.norm(dim=1)
+    hat = directions / norm[:, None].clamp_min(1e-30)
+    moments = [[] for _ in range(4)]
+    chunk = max(1, COS_CHUNK // u_hat.shape[1])
+    for start in range(0, hat.shape[0], chunk):
+        cos = hat[start : start + chunk] @ u_hat.to(hat.device)  # [chunk, V]
+        for acc, m in zip(moments, vector_moments(cos, dim=1), strict=True):
+            acc.append(m)
+    vocab = [torch.cat(m).cpu().numpy() for m in moments]
+    dead = (norm == 0).cpu().numpy()
+    for v in vocab:
+        v[dead] = float("nan")
+    return vocab
+
+
 def weight_stats(lm: LoadedModel) -> pd.DataFrame:
     """One row per neuron: layer, neuron, w_in_norm, w_out_norm, input_bias, in_out_sim, l2_penalty,
     vocab_mean, vocab_var, vocab_skew, vocab_kurt (moments over the vocabulary of cos(W_U[:, v], w_out)).
@@ -118,24 +142,13 @@ def weight_stats(lm: LoadedModel) -> pd.DataFrame:
         >>> df.groupby("layer").vocab_kurt.median()  # doctest: +SKIP
     """
     # a masked LM (BERT) has no direct unembedding: its vocab_* columns are NaN, the others as usual
-    w_u = processed_unembedding(lm)[0] if lm.adapter.causal else torch.full((lm.d_model, 1), float("nan"))
-    u_hat = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-30)  # [d_model, V]; unit columns
+    u_hat = unit_unembedding(lm) if lm.adapter.causal else torch.full((lm.d_model, 1), float("nan"))
     rows = []
     for layer, p in enumerate(processed_mlp_weights(lm)):
         w_in_norm = p.w_in.norm(dim=0)  # [d_mlp]
         w_out_norm = p.w_out.norm(dim=1)  # [d_mlp]
         in_out = (p.w_in.T * p.w_out).sum(1) / (w_in_norm * w_out_norm).clamp_min(1e-30)
-        out_hat = p.w_out / w_out_norm[:, None].clamp_min(1e-30)  # [d_mlp, d_model]
-        moments = [[] for _ in range(4)]
-        chunk = max(1, COS_CHUNK // u_hat.shape[1])
-        for start in range(0, out_hat.shape[0], chunk):
-            cos = out_hat[start : start + chunk] @ u_hat  # [chunk, V]
-            for acc, m in zip(moments, vector_moments(cos, dim=1), strict=True):
-                acc.append(m)
-        vocab = [torch.cat(m).cpu().numpy() for m in moments]
-        dead = (w_out_norm == 0).cpu().numpy()  # a zero w_out has no direction: NaN, not a number
-        for v in vocab:
-            v[dead] = float("nan")
+        vocab = vocab_moments(p.w_out, u_hat)
         rows.append(
             pd.DataFrame(
                 {

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from univ.roles.vocab import RoleThresholds, classify_roles
-from univ.weights import COS_CHUNK, processed_mlp_weights, processed_unembedding, vector_moments
+from univ.weights import processed_mlp_weights, unit_unembedding, vocab_moments
 
 NOT_APPLIED = ("entropy and attention-deactivation interventions fix an MLP neuron's activation; they are not "
                "applied to SAE latents")  # fmt: skip
@@ -43,25 +43,13 @@ def latent_directions(site_model: Any) -> list[torch.Tensor]:
 @torch.no_grad()
 def latent_vocab_scores(site_model: Any) -> pd.DataFrame:
     """Per latent: layer (SAE index), neuron (latent), site, w_out_norm (decoder norm) and the vocab moments."""
-    w_u, _ = processed_unembedding(site_model.lm)
-    u_hat = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    u_hat = unit_unembedding(site_model.lm)
     frames = []
     for i, (sae, d) in enumerate(zip(site_model.saes, latent_directions(site_model), strict=True)):
-        norm = d.norm(dim=1)
-        hat = d / norm[:, None].clamp_min(1e-30)
-        moments = [[] for _ in range(4)]
-        chunk = max(1, COS_CHUNK // u_hat.shape[1])
-        for start in range(0, hat.shape[0], chunk):
-            for acc, m in zip(moments, vector_moments(hat[start:start + chunk] @ u_hat.to(hat.device), dim=1),
-                              strict=True):  # fmt: skip
-                acc.append(m)
-        vocab = [torch.cat(m).cpu().numpy() for m in moments]
-        dead = (norm == 0).cpu().numpy()
-        for v in vocab:
-            v[dead] = float("nan")
-        frames.append(pd.DataFrame({"layer": i, "neuron": range(hat.shape[0]), "site": sae.hook,
-                                    "w_out_norm": norm.cpu().numpy(), "vocab_mean": vocab[0], "vocab_var": vocab[1],
-                                    "vocab_skew": vocab[2], "vocab_kurt": vocab[3]}))  # fmt: skip
+        vocab = vocab_moments(d, u_hat)  # the same moments weight_stats gives a neuron's w_out
+        columns = dict(zip(("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt"), vocab, strict=True))
+        frames.append(pd.DataFrame({"layer": i, "neuron": range(d.shape[0]), "site": sae.hook,
+                                    "w_out_norm": d.norm(dim=1).cpu().numpy(), **columns}))  # fmt: skip
     df = pd.concat(frames, ignore_index=True)
     return df.assign(vocab_var_ratio=df["vocab_var"] * site_model.d_model)
 
