@@ -52,6 +52,7 @@ from univ.families import (
     load_syntax_model,
     thresholds_from_args,
 )
+from univ.sites import is_sae_run, run_site_model
 from univ.stats import (
     ACT_COLUMNS,
     COMPARE_COLUMNS,
@@ -211,7 +212,7 @@ def profile_run(
     thresholds = thresholds or FamilyThresholds()
     say = print if verbose else (lambda *a, **k: None)
     manifest = read_run(run_dir)
-    sae_sites = (manifest.get("sites") or {}).get("kind") == "sae"
+    sae_sites = is_sae_run(manifest)
     rid = check_same_run(run_dir, CORRELATE_TABLES, stage="univ analyze", fix=f"'univ correlate' into {run_dir}")
     labels, models = manifest["labels"], manifest["models"]
     for label in manifest["analysed"]:  # before anything slow
@@ -232,9 +233,7 @@ def profile_run(
     for label in manifest["analysed"]:
         lm = load_model(models[labels.index(label)], device=device, dtype=dtype)
         if sae_sites:  # the run's neurons are this model's SAE latents
-            from univ.sites import SiteModel, load_sae
-
-            lm = SiteModel(lm, [load_sae(p) for p in manifest["sites"]["models"][labels.index(label)]["saes"]])
+            lm = run_site_model(lm, manifest, labels.index(label))
         fam = top = None
         if families:
             d_vocab = int(lm.model.get_output_embeddings().weight.shape[0])

@@ -38,12 +38,12 @@ def compare_runs(neuron_run: str | Path, latent_run: str | Path) -> tuple[dict[s
     """(summary, one row per latent of the reference model: excess, best-aligned neuron, its |cos|, universal?)."""
     from univ.models import load_model
     from univ.roles.latents import latent_directions
-    from univ.sites import SiteModel, load_sae
+    from univ.sites import is_sae_run, run_site_model
     from univ.weights import processed_mlp_weights
 
     neuron_run, latent_run = Path(neuron_run), Path(latent_run)
     nj, lj = _run_json(neuron_run), _run_json(latent_run)
-    if (nj.get("sites") or {"kind": "mlp"})["kind"] != "mlp" or (lj.get("sites") or {}).get("kind") != "sae":
+    if is_sae_run(nj) or not is_sae_run(lj):
         raise UserError(f"compare a run of MLP neurons ({neuron_run}) with a run of SAE latents ({latent_run}, "
                         "'univ correlate --sae')")  # fmt: skip
     if nj["models"] != lj["models"]:
@@ -58,7 +58,7 @@ def compare_runs(neuron_run: str | Path, latent_run: str | Path) -> tuple[dict[s
     n_uni = neurons["excess_corr"] > THRESHOLD
     l_uni = latents["excess_corr"] > THRESHOLD
     lm = load_model(nj["models"][0], device="cpu")
-    site = SiteModel(lm, [load_sae(p) for p in lj["sites"]["models"][0]["saes"]])
+    site = run_site_model(lm, lj, 0)
     w_out = processed_mlp_weights(lm)
     uni_keys = set(zip(neurons.loc[n_uni, "layer"], neurons.loc[n_uni, "neuron"], strict=True))
     rows = []

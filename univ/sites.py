@@ -29,8 +29,8 @@ from torch import Tensor
 
 from univ.errors import UserError
 
-__all__ = ["ARCHITECTURES", "Sae", "SaeError", "SiteModel", "hooked_activations", "load_sae", "parse_hook",
-           "with_saes"]
+__all__ = ["ARCHITECTURES", "Sae", "SaeError", "SiteModel", "hooked_activations", "is_sae_run", "load_sae",
+           "parse_hook", "run_site_model", "with_saes"]
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 CFG_FILE = "cfg.json"
@@ -279,12 +279,20 @@ def hooked_activations(lm: Any, points: list[tuple[int, str]], input_ids: Tensor
 
 
 def with_saes(models: list, sae_specs: tuple[str, ...]) -> list[SiteModel]:
-    """Wrap each model with its SAEs: ``sae_specs[i]`` is model i's SAE folders, comma-separated."""
-    if len(sae_specs) != len(models):
-        raise SaeError(f"{len(sae_specs)} --sae for {len(models)} models: give one --sae per model, in order "
-                       "(several SAEs of one model comma-separated)")  # fmt: skip
+    """Wrap each model with its SAEs: ``sae_specs[i]`` is model i's SAE folders, comma-separated (one per model:
+    ``CorrelateConfig`` checks the count)."""
     return [SiteModel(lm, [load_sae(p) for p in spec.split(",") if p]) for lm, spec in zip(models, sae_specs,
                                                                                           strict=True)]  # fmt: skip
+
+
+def is_sae_run(manifest: dict) -> bool:
+    """Did this correlate run (its run.json) correlate SAE latents rather than MLP neurons?"""
+    return (manifest.get("sites") or {}).get("kind") == "sae"
+
+
+def run_site_model(lm: Any, manifest: dict, index: int) -> SiteModel:
+    """Model ``index`` of an SAE run seen through the SAEs run.json recorded for it."""
+    return SiteModel(lm, [load_sae(p) for p in manifest["sites"]["models"][index]["saes"]])
 
 
 def sae_files(spec: str) -> list[Path]:

@@ -62,7 +62,7 @@ def run_latent_roles(run_dir: Path, manifest: dict, rid: str | None, *, models: 
     from univ.correlate import resolve_device
     from univ.models import load_model
     from univ.roles.vocab import top_tokens_of
-    from univ.sites import SiteModel, load_sae
+    from univ.sites import run_site_model
 
     say = log or (lambda _msg: None)
     thresholds = thresholds or RoleThresholds()
@@ -73,7 +73,7 @@ def run_latent_roles(run_dir: Path, manifest: dict, rid: str | None, *, models: 
     for label in chosen:
         i = labels.index(label)
         lm = load_model(manifest["models"][i], device=dev, dtype=dtype)
-        site_model = SiteModel(lm, [load_sae(p) for p in manifest["sites"]["models"][i]["saes"]])
+        site_model = run_site_model(lm, manifest, i)
         say(f"[{label}] vocabulary roles of {site_model.n_neurons:,} latents from their decoder rows")
         df = classify_roles(latent_vocab_scores(site_model).assign(model=label), thresholds)
         roled = df[df[["is_prediction", "is_suppression", "is_partition"]].any(axis=1)]

@@ -31,6 +31,7 @@ import pandas as pd
 from univ.roles.attention import BosScores, bos_path_intervention, bos_scores, summarize_path
 from univ.roles.entropy import DEFAULT_MULTIPLES, default_null_dims, entropy_intervention, entropy_scores
 from univ.roles.vocab import ROLE_NAMES, RoleThresholds, classify_roles, top_tokens, vocab_role_scores
+from univ.sites import is_sae_run
 from univ.tables import check_same_run, write_parquet
 from univ.universal import read_run
 
@@ -160,7 +161,7 @@ def run_roles(
     manifest = read_run(run_dir)
     rid = check_same_run(run_dir, STAGE_INPUTS, stage="univ roles", fix=f"'univ analyze {run_dir}'")
     thresholds = thresholds or RoleThresholds()
-    if (manifest.get("sites") or {}).get("kind") == "sae":  # latents: vocabulary roles from the decoder rows
+    if is_sae_run(manifest):  # latents: vocabulary roles from the decoder rows
         from univ.roles.latents import run_latent_roles
 
         return run_latent_roles(run_dir, manifest, rid, models=list(models) if models else None, device=device,
