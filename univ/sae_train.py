@@ -116,9 +116,12 @@ def train_sae(model: str, out: str | Path, config: SaeTrainConfig | None = None,
 
 
 def _encode(p: dict, x: torch.Tensor, k: int) -> torch.Tensor:
-    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-    top = torch.topk(pre, k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    """The TopK encoder univ.sites.Sae applies when the run reads the saved SAE: trained as it will be used."""
+    from univ.sites import Sae
+
+    sae = Sae(path=Path("."), hook="", layer=0, point="", architecture="topk", W_enc=p["W_enc"], b_enc=p["b_enc"],
+              b_dec=p["b_dec"], W_dec=p["W_dec"], apply_b_dec_to_input=True, k=k)  # fmt: skip
+    return sae.encode(x)
 
 
 def _decode(p: dict, z: torch.Tensor) -> torch.Tensor:
