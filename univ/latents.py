@@ -11,7 +11,6 @@ pick universal neurons more often than other latents do. ``univ report NEURON_RU
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,17 @@ __all__ = ["compare_runs", "draw"]
 THRESHOLD = 0.5
 
 
-def _run_json(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{run_dir / 'run.json'}: not a finished correlate run ({e})") from None
-
-
 @torch.no_grad()
 def compare_runs(neuron_run: str | Path, latent_run: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """(summary, one row per latent of the reference model: excess, best-aligned neuron, its |cos|, universal?)."""
     from univ.models import load_model
     from univ.roles.latents import latent_directions
     from univ.sites import is_sae_run, run_site_model
+    from univ.universal import read_run
     from univ.weights import processed_mlp_weights
 
     neuron_run, latent_run = Path(neuron_run), Path(latent_run)
-    nj, lj = _run_json(neuron_run), _run_json(latent_run)
+    nj, lj = read_run(neuron_run), read_run(latent_run)
     if is_sae_run(nj) or not is_sae_run(lj):
         raise UserError(f"compare a run of MLP neurons ({neuron_run}) with a run of SAE latents ({latent_run}, "
                         "'univ correlate --sae')")  # fmt: skip
