@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,9 @@ def fetch_release(spec: str) -> Path:
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
     sae = sae[0] if isinstance(sae, tuple) else sae  # older sae_lens returned (sae, cfg, sparsity)
     tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a fetch that was killed: never half of two downloads
     sae.save_model(str(tmp))
-    tmp.rename(folder)
+    tmp.rename(folder)  # the folder appears whole or not at all
     return folder
 
 
