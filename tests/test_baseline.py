@@ -183,7 +183,7 @@ def test_run_with_k_draws_equals_explicit_rotations(tmp_path):
     draws = 3
     cfg = CorrelateConfig(models=tuple(map(str, paths)), data=str(data), out=str(tmp_path / "r"), tokens=700,
                           ctx=32, batch_size=4, device="cpu", baseline_seed=5, baseline_draws=draws,
-                          memory_budget_gb=40e-6)  # one layer of a per block: several passes share the rotations
+                          method="exact", memory_budget_gb=40e-6)  # one layer per block: passes share the rotations
     out = run(cfg, progress=False, log=lambda *_: None)
     t = pd.read_parquet(out / "neurons.parquet")
     x, _, _ = _explicit_acts(paths[0], data, cfg)

@@ -117,7 +117,7 @@ def test_run_writes_layer_similarity_equal_to_float64_cka(tmp_path):
     data.write_text(corpus_text()[:20_000])
     cfg = CorrelateConfig(models=(str(paths[0]), str(paths[0]), str(paths[1])), data=str(data),
                           out=str(tmp_path / "r"), tokens=600, ctx=32, batch_size=4, device="cpu", baseline="none",
-                          memory_budget_gb=40e-6)
+                          memory_budget_gb=40e-6, method="exact")
     out = run(cfg, progress=False, log=lambda *_: None)
     t = read_layer_similarity(out)
     acts = []

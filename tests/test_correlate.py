@@ -59,7 +59,7 @@ def permuted_copy(src, dst, seed=123):
 
 
 def cfg_for(models, data, out, **kw):
-    base = dict(tokens=1500, ctx=32, batch_size=4, device="cpu")
+    base = dict(tokens=1500, ctx=32, batch_size=4, device="cpu", method="exact")  # test_screen: the other one
     base.update(kw)
     return CorrelateConfig(models=tuple(str(m) for m in models), data=str(data), out=str(out), **base)
 

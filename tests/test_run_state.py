@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
 
 
 def cfg(models, data, out, **kw):
-    base = dict(tokens=200, ctx=32, batch_size=4, device="cpu", memory_budget_gb=40e-6, checkpoint_every=100)
+    base = dict(tokens=200, ctx=32, batch_size=4, device="cpu", memory_budget_gb=40e-6, checkpoint_every=100,
+                method="exact")
     base.update(kw)
     return CorrelateConfig(models=tuple(str(m) for m in models), data=str(data), out=str(out), **base)
 
@@ -97,7 +98,7 @@ def test_sigkill_after_a_checkpoint_then_resume_from_the_cli(setup, tmp_path):
 
     models, data, expected = setup
     argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "200",
-            "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6",
+            "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6", "--method", "exact",
             "--checkpoint-every", "100"]
     env = {**os.environ, "UNIV_FAULT_AFTER_WRITE": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "univ", *argv], env=env, capture_output=True, timeout=300)
@@ -123,7 +124,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_75_then_resume_matches(setup, tmp
 
     monkeypatch.setattr(stream_mod, "process_batch", terminated)
     argv = ["correlate", *map(str, models), "--data", str(data), "--out", str(tmp_path / "r"), "--tokens", "200",
-            "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6"]
+            "--ctx", "32", "--batch-size", "4", "--device", "cpu", "--memory-budget", "40e-6", "--method", "exact"]
     argv += ["--checkpoint-every", str(every)] if every else []
     assert main(argv) == errors.EXIT_INTERRUPTED
     assert (tmp_path / "r" / "checkpoint.safetensors").exists()

@@ -11,7 +11,7 @@ Standalone (torch, triton, numpy, safetensors); never imports ``univ``. Public p
 from univ_kernels._launch import interpreting, resolve_backend
 from univ_kernels.comoment import comoment_update, comoment_update_torch
 from univ_kernels.finalize import CorrelationSummary, correlation_matrix, correlation_summary, summary_torch
-from univ_kernels.moments import ColumnMoments, PreparedBatch, update_pair
+from univ_kernels.moments import ColumnMoments, PreparedBatch, select_columns, update_pair
 from univ_kernels.pairs import gathered_comoment_update, update_candidate_pairs
 from univ_kernels.prepass import Prepassed, column_sums, prepass, prepass_torch
 from univ_kernels.streaming import StreamingCorrelation, atomic_write_bytes, default_operand_dtype
@@ -34,6 +34,7 @@ __all__ = [
     "prepass",
     "prepass_torch",
     "resolve_backend",
+    "select_columns",
     "summary_torch",
     "update_candidate_pairs",
     "update_pair",

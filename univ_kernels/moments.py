@@ -271,6 +271,19 @@ class ColumnMoments:
         self.shift = state[f"{prefix}.shift"].to(self.device).clone() if n else None
 
 
+def select_columns(p: PreparedBatch, index: torch.Tensor) -> PreparedBatch:
+    """The same prepared batch restricted to the columns ``index`` (a gathered copy), for ``update_pair``.
+
+    Co-moments of scattered rows (a screen's candidates) then run as one dense GEMM with the same numerics
+    contract as the full block: ``update_pair(c, select_columns(p_a, rows), p_b)`` equals the full update at
+    those rows. The result is for updates only: it cannot be committed.
+    """
+    index = index.to(p.centred.device)
+    pick = lambda t: None if t is None else t.index_select(1 if t.dim() == 2 else 0, index)  # noqa: E731
+    return PreparedBatch(pick(p.centred), pick(p.correction), pick(p.shift), p.n_prev, pick(p.augmented),
+                         (None, None, None, None))
+
+
 def update_pair(
     c: torch.Tensor,
     p_a: PreparedBatch,

@@ -7,7 +7,7 @@ import sys
 
 from univ.baseline import KINDS as BASELINES
 from univ.errors import Interrupted
-from univ.run.config import DEFAULT_BASELINE_DRAWS, MODES, CorrelateConfig
+from univ.run.config import DEFAULT_BASELINE_DRAWS, METHODS, MODES, CorrelateConfig
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,9 @@ def register(subparsers) -> None:
             "      stanford-crfm/caprica-gpt2-small-x81 --data pile_test.jsonl --tokens 100000000 --out runs/small\n"
             "  univ correlate zoo/seed-0 zoo/seed-1 zoo/seed-2 --data heldout.txt --tokens 60000 --ctx 128\n"
             "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run\n"
-            "  univ correlate A B --data data.txt --out runs/p --paper-exact # the paper's choices (fp16 acts, K=1)"
+            "  univ correlate A B --data data.txt --out runs/p --paper-exact # the paper's choices (fp16 acts, K=1)\n"
+            "  univ correlate A B --data d.txt --method screen   # screen a sample, then verify: no N² accumulators\n"
+            "  univ correlate meta-llama/Llama-2-7b-hf lmsys/vicuna-7b-v1.5 --data d.txt --dry-run  # plan only"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +87,19 @@ def register(subparsers) -> None:
                    help="correlate SAE latents instead of MLP neurons: one --sae per model, in order, each an SAE "
                         "folder in sae_lens's format (cfg.json + sae_weights.safetensors); several SAEs of one model "
                         "comma-separated (see univ.sites)")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="exact: every neuron pair's co-moment (N² accumulators); screen: estimate them on a sample of "
+                        "the stream, then compute exactly only the layers that can hold each neuron's best partner, "
+                        "with a certificate and an exact fallback (the same answer; see README); auto (default): "
+                        "exact when its accumulators fit in one pass, screen otherwise")
+    p.add_argument("--screen-tokens", type=int, default=None, metavar="N",
+                   help="screen sample size, spread evenly over the stream (default: 1/50 of --tokens, at least "
+                        "200,000)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read only each model's config; print each method's memory, passes, FLOPs and estimated "
+                        "time, and exit (2 if no method fits)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
+                   help="--dry-run: the device's dense TFLOP/s for the time estimate (default: an H100's bf16, 989)")
     p.set_defaults(func=main)
 
 
@@ -99,13 +114,17 @@ def config_from_args(args) -> CorrelateConfig:
         memory_budget_gb=args.memory_budget, checkpoint_every=args.checkpoint_every,
         save_state=not args.no_save_state, activation_stats=args.activation_stats,
         trust_remote_code=args.trust_remote_code, token_shards=args.token_shards,
-        sae=tuple(args.sae) if args.sae else None,
+        sae=tuple(args.sae) if args.sae else None, method=args.method, screen_tokens=args.screen_tokens,
     )
 
 
 def main(args) -> int:
     from univ.run.driver import run
 
+    if args.dry_run:
+        from univ.run.costs import dry_run
+
+        return dry_run(config_from_args(args), peak_tflops=args.peak_tflops)
     try:
         run(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except Interrupted as e:

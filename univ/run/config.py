@@ -12,6 +12,7 @@ from univ.errors import UserError
 DEFAULT_BASELINE_DRAWS = 16  # universal-set Jaccard 0.97 between runs, vs 0.70 for one draw (README)
 
 MODES = ("reference", "all-pairs")
+METHODS = ("auto", "exact", "screen")  # univ.run.screen; auto: exact when its plan is one pass, screen otherwise
 
 
 class ConfigError(UserError, ValueError):
@@ -52,6 +53,8 @@ class CorrelateConfig:
     trust_remote_code: bool = False
     token_shards: int | None = None  # torchrun: ranks that split the token stream (default: the cost model's pick)
     sae: tuple[str, ...] | None = None  # per model: its SAE folders, comma-separated (univ.sites); None: MLP neurons
+    method: str = "auto"  # "exact": every co-moment; "screen": screen, then verify (univ.run.screen); auto: see METHODS
+    screen_tokens: int | None = None  # tokens of the screening sample (None: univ.run.screen.default_screen_tokens)
 
     def __post_init__(self):
         if len(self.models) < 2:
@@ -62,6 +65,10 @@ class CorrelateConfig:
             raise ConfigError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.tokens < 1 or self.batch_size < 1 or self.ctx < 2:
             raise ConfigError("tokens and batch_size must be ≥ 1 and ctx ≥ 2")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.screen_tokens is not None and self.screen_tokens < 1:
+            raise ConfigError(f"--screen-tokens must be ≥ 1, got {self.screen_tokens}")
         if self.token_shards is not None and self.token_shards < 1:
             raise ConfigError("token_shards must be ≥ 1")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -100,7 +107,8 @@ class CorrelateConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
-LAYOUT_OPTIONS = ("token_shards",)  # how the work is split, never what it computes
+# How the work is split or done, never the answer: a resume keeps the checkpoint's method (univ.run.driver)
+LAYOUT_OPTIONS = ("token_shards", "method")
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -95,6 +95,10 @@ def run(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = 
 
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite discards it: pass one of them")
+    if cfg.method == "screen":
+        raise UserError("--method screen runs in one process: run it without torchrun, or use --method exact "
+                        "(auto is exact under torchrun)")
+    _refuse_screen_checkpoint(cfg, overwrite)
     device, created = _init(cfg)
     try:
         return _run(cfg, device, resume=resume, overwrite=overwrite, progress=progress, log=log)
@@ -108,6 +112,25 @@ def run(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = 
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _refuse_screen_checkpoint(cfg, overwrite: bool) -> None:
+    """A screen run's checkpoint resumes only in one process, the way it was written."""
+    from pathlib import Path
+
+    from univ.run import checkpoint
+    from univ_kernels.io import read_meta
+
+    file = checkpoint.path(Path(cfg.out))
+    if overwrite or not file.exists():
+        return
+    try:
+        method = read_meta(file)[0].get("method", "exact")
+    except Exception:  # an unreadable checkpoint is refused later, with the reason
+        return
+    if method == "screen":
+        raise Refused(f"{file} is a checkpoint of a --method screen run, which resumes in one process: rerun the "
+                      "command without torchrun (with --resume), or pass --overwrite to start again")
 
 
 def _any(flag: bool, device: torch.device) -> bool:

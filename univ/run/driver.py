@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run import checkpoint, identity, memory, reshard, stream
+from univ.run import checkpoint, files, identity, memory, reshard, stream
 from univ.run.checkpoint import next_checkpoint
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
@@ -129,6 +129,10 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
     d_mlp = [lm.d_mlp for lm in models]
     t_batch = cfg.batch_size * cfg.ctx
     batch_bytes = sum(t_batch * lm.n_neurons * (lm.dtype.itemsize + 4 + operand_dtype.itemsize) for lm in models)
+    method = _resolve_method(cfg, meta, n_layers, d_mlp, device, batch_bytes, log)
+    if method == "screen":
+        return _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident, labels, meter,
+                           started, progress=progress, log=log)
     if meta is not None:
         plan = Plan.from_dict(meta["plan"], d_mlp, n_layers, batch_bytes)
         if "snapshot" in meta:  # written across ranks: its passes must fit this one process
@@ -200,12 +204,67 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         manifest = build_manifest(cfg, state, plan, models, labels, tokens_seen=tokens_seen, device=device,
                                   operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
                                   run_id=ident["run_id"], fingerprint=fingerprint)
+        manifest["method"] = "exact"
         measured_peak = meter.measured_peak()
         manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak)
         table = write_outputs(out, state, models, labels, cfg, manifest)
         checkpoint.remove(out)
     log(summary_text(table))
     log(memory.summary_line(planned_peak, measured_peak))
+    if tokens_seen < cfg.tokens:
+        log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
+            "(--tokens); run.json records both")
+    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {ident['run_id']})")
+    return out
+
+
+def _resolve_method(cfg: CorrelateConfig, meta: dict | None, n_layers, d_mlp, device, batch_bytes, log) -> str:
+    """exact or screen: a resumed run keeps its checkpoint's; auto is exact when its accumulators fit in one pass."""
+    if meta is not None:
+        saved = meta.get("method", "exact")
+        if cfg.method not in ("auto", saved):
+            raise Refused(f"--resume: the checkpoint in {cfg.out} is of --method {saved}, not {cfg.method}; resume "
+                          f"with --method {saved} (or auto), or pass --overwrite to start again")
+        return saved
+    if cfg.method != "auto":
+        return cfg.method
+    try:
+        passes = len(make_plan(cfg, n_layers, d_mlp, device, batch_bytes).passes)
+    except PlanError:
+        passes = None
+    if passes == 1:
+        log("method: auto → exact (every co-moment fits in one pass)")
+        return "exact"
+    why = f"the exact accumulators need {passes} passes over the tokens" if passes else "the exact accumulators " \
+        "do not fit"
+    log(f"method: auto → screen ({why}; --method exact to insist)")
+    return "screen"
+
+
+def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident, labels, meter, started, *,
+                progress: bool, log) -> Path:
+    from univ.run.screen import run_screened
+
+    outcome, plan, srun, timings, tokens_seen = run_screened(cfg, out, meta, models, device, operand_dtype,
+                                                             batch_bytes, ident, progress=progress, log=log)
+    manifest = build_manifest(cfg, outcome, plan, models, labels, tokens_seen=tokens_seen, device=device,
+                              operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
+                              run_id=ident["run_id"], fingerprint=ident["fingerprint"])
+    manifest["method"] = "screen"
+    manifest["screen"] = srun.report()
+    measured_peak = meter.measured_peak()
+    manifest["memory"].update(measured_peak_bytes=measured_peak)
+    if cfg.save_state:  # the sample's and the verified maxima, margins and masks, for re-analysis
+        files.write_tensors(out / "state" / "screen.safetensors", {k: v.detach().contiguous().cpu()
+                                                                   for k, v in srun.t.items()},
+                            {"kind": "univ.correlate.screen-state", "run_id": ident["run_id"]})
+    table = write_outputs(out, outcome, models, labels, cfg, manifest)
+    checkpoint.remove(out)
+    rep = manifest["screen"]
+    log(summary_text(table))
+    log(f"screen: {rep['screen_tokens']:,} sample tokens; {100 * (rep['certified_first_round'] or 0):.1f} % of "
+        f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
+        f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
     if tokens_seen < cfg.tokens:
         log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
             "(--tokens); run.json records both")

@@ -106,24 +106,9 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
 
     ``active``: the models to forward (a distributed rank runs only those its blocks need); default all.
     """
-    from univ.models import collect_mlp_activations
-
     t0 = time.perf_counter()
-    activation_dtype = getattr(torch, cfg.activation_dtype) if cfg.activation_dtype else None
-    acts, pres = [], {}
-    for i, lm in enumerate(models):
-        if active is not None and i not in active:
-            acts.append(None)
-            continue
-        if hasattr(lm, "saes"):  # SAE latents as the neurons (univ.sites.SiteModel)
-            post = lm.latents(input_ids, keep)  # [T, n_saes, d_sae]
-        else:
-            want_pre = i in state.act_stats and state.pass_index == state.stats_pass.get(i, 0)
-            got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=want_pre)  # [T, L, d]
-            if want_pre:
-                pres[i] = (got.pre, got.post)
-            post = got.post
-        acts.append(round_activations(post.reshape(post.shape[0], -1), activation_dtype))  # [T, L·d]
+    want_pre = {i for i in state.act_stats if state.pass_index == state.stats_pass.get(i, 0)}
+    acts, pres = forward_activations(models, input_ids, keep, cfg, active, want_pre)
     _sync(state.device)
     t1 = time.perf_counter()
     # Pre-pass every model first: a bad batch raises before any accumulator changes.
@@ -152,6 +137,29 @@ def process_batch(state: RunState, models, input_ids: torch.Tensor, keep: torch.
     _sync(state.device)
     timings["forward_s"] += t1 - t0
     timings["kernels_s"] += time.perf_counter() - t1
+
+
+def forward_activations(models, input_ids: torch.Tensor, keep: torch.Tensor, cfg: CorrelateConfig,
+                        active: set[int] | None, want_pre: set[int]) -> tuple[list, dict]:
+    """Each active model's neuron values at the kept positions, [T, L·d] (None for the others), and for the
+    models in ``want_pre`` their (pre, post) activations for the statistics."""
+    from univ.models import collect_mlp_activations
+
+    activation_dtype = getattr(torch, cfg.activation_dtype) if cfg.activation_dtype else None
+    acts, pres = [], {}
+    for i, lm in enumerate(models):
+        if active is not None and i not in active:
+            acts.append(None)
+            continue
+        if hasattr(lm, "saes"):  # SAE latents as the neurons (univ.sites.SiteModel)
+            post = lm.latents(input_ids, keep)  # [T, n_saes, d_sae]
+        else:
+            got = collect_mlp_activations(lm, input_ids, keep=keep, post=True, pre=i in want_pre)  # [T, L, d]
+            if i in want_pre:
+                pres[i] = (got.pre, got.post)
+            post = got.post
+        acts.append(round_activations(post.reshape(post.shape[0], -1), activation_dtype))  # [T, L·d]
+    return acts, pres
 
 
 def _sync(device: torch.device) -> None:

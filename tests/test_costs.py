@@ -1,0 +1,69 @@
+"""``univ correlate --dry-run``: plans from configs alone (no weights, no data), for both methods."""
+
+from __future__ import annotations
+
+import pytest
+import transformers as tf
+
+from univ.cli import main
+from univ.run import costs
+from univ.run.config import CorrelateConfig
+
+
+def _llama_7b(path):
+    tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   vocab_size=32000).save_pretrained(path)  # config.json only: no weights exist
+    return path
+
+
+def _gpt2_small(path):
+    tf.GPT2Config().save_pretrained(path)
+    return path
+
+
+def test_two_7b_configs_screen_within_one_80gb_device(tmp_path, capsys):
+    """fp32 weights (the default) leave too little room: the dry run says so, exits 2 and names what fits."""
+    a, b = _llama_7b(tmp_path / "a"), _llama_7b(tmp_path / "b")
+    argv = ["correlate", str(a), str(b), "--data", "nowhere.txt", "--tokens", "100000000", "--dry-run",
+            "--method", "screen"]
+    assert main(argv) == 2
+    hint = capsys.readouterr().out.rsplit("it fits with ", 1)[1].split()
+    assert "--dtype" in hint
+    assert main(argv + hint) == 0
+    text = capsys.readouterr().out
+    assert "352,256" in text and "screen: peak" in text
+    opts = dict(dtype="bfloat16", layer_similarity="--no-layer-similarity" not in hint,
+                batch_size=int(hint[hint.index("--batch-size") + 1]) if "--batch-size" in hint else 8)
+    est = costs.estimate(CorrelateConfig(models=(str(a), str(b)), data="x", tokens=100_000_000, **opts),
+                         [costs.model_shape(str(a))] * 2, 80e9)
+    assert est["screen"]["fits"] and est["screen"]["peak"] <= 80e9
+    assert est["screen"]["flops"] < est["exact"]["flops"]
+
+
+def test_a_plan_that_cannot_fit_exits_2(tmp_path, capsys):
+    a, b = _llama_7b(tmp_path / "a"), _llama_7b(tmp_path / "b")
+    argv = ["correlate", str(a), str(b), "--data", "x", "--dry-run", "--method", "exact", "--memory-budget", "20"]
+    assert main(argv) == 2
+    assert "cannot fit" in capsys.readouterr().out
+
+
+def test_gpt2_small_auto_is_exact_and_reads_no_weights(tmp_path, capsys):
+    a, b = _gpt2_small(tmp_path / "a"), _gpt2_small(tmp_path / "b")
+    assert main(["correlate", str(a), str(b), "--data", "x", "--tokens", "1000000", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "12 layers × 3,072" in text and "auto would run: exact" in text
+
+
+def test_unknown_architecture_and_missing_config_are_clear(tmp_path):
+    from univ.errors import UserError
+
+    bad = tmp_path / "weird"
+    tf.PretrainedConfig().save_pretrained(bad)  # no model_type
+    with pytest.raises(UserError, match="config"):
+        costs.model_shape(str(bad))
+    t5 = tmp_path / "t5"
+    tf.T5Config(num_layers=1).save_pretrained(t5)  # an architecture univ has no adapter for
+    with pytest.raises(UserError, match="t5"):
+        costs.model_shape(str(t5))
+    with pytest.raises(UserError, match="no such local directory"):
+        costs.model_shape(str(tmp_path / "absent"))

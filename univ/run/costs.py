@@ -1,0 +1,201 @@
+"""``univ correlate --dry-run``: each method's memory, passes, FLOPs and time, from the models' configs alone.
+
+Nothing is loaded but each model's ``config.json`` (a local folder, or a Hub name when online): no weights,
+no data. The exact method's plan is ``univ.run.plan.make_plan``'s; the screen's is its screen plan over the
+sample plus a verify stage of ``LAYERS_PER_ROW`` layers per neuron (what it verified on the shipped zoos;
+the real run says what it needed in run.json). Times are FLOPs at the named peak: a lower bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from univ.errors import UserError
+from univ.run.config import CorrelateConfig
+from univ.run.plan import PlanError, format_bytes, make_plan, pairs_for, rotated_models, within_models
+
+H100_BF16_TFLOPS = 989.0  # dense bf16 (SXM), the default --peak-tflops
+DEVICE_BYTES = 80e9  # the default device when --memory-budget is not given: one 80 GB GPU
+USABLE = 0.9  # the share of the device the run plans to use (as make_plan's default budget)
+LAYERS_PER_ROW = 2.0  # verified layers per neuron assumed by the plan (the run records what it needed)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model: its neurons, and its size for the forward's FLOPs and the weights."""
+
+    name: str
+    n_layers: int
+    d_mlp: int
+    d_model: int
+    gated: bool
+    params: int
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+    @property
+    def forward_flops(self) -> int:
+        """Per token: 2 FLOPs per weight of the blocks (the LM head is never run)."""
+        per_layer = 4 * self.d_model ** 2 + (3 if self.gated else 2) * self.d_model * self.d_mlp
+        return 2 * self.n_layers * per_layer
+
+
+def model_shape(name: str, trust_remote_code: bool = False) -> Shape:
+    """Read one model's config (no weights): layers, MLP width, d_model; refuse an unknown architecture."""
+    from transformers import AutoConfig
+
+    from univ.models import ModelNotFoundError, _resolve_source, get_adapter
+
+    src = _resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model {name!r}: its config did not load ({str(e).splitlines()[0]}); --dry-run "
+                                 "needs a folder with config.json, or a Hub name and a network") from e
+    adapter = get_adapter(config.model_type)
+    d_model = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    d_mlp = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or
+                getattr(config, "ffn_dim", 0) or 4 * d_model)
+    vocab = int(getattr(config, "vocab_size", 0))
+    per_layer = 4 * d_model ** 2 + (3 if adapter.gated else 2) * d_model * d_mlp
+    params = n_layers * per_layer + 2 * vocab * d_model
+    return Shape(name, n_layers, d_mlp, d_model, adapter.gated, params)
+
+
+def _plan(cfg: CorrelateConfig, shapes: list[Shape], free: float, batch_bytes: int):
+    """make_plan's passes for accumulators in what ``free`` leaves beside the plan's fixed bytes (W, a batch)."""
+    from univ.baseline import CHUNK_BYTES
+
+    fixed = sum(4 * shapes[i].n_layers * shapes[i].d_mlp ** 2 for i in within_models(cfg, len(shapes))) + \
+        batch_bytes + (CHUNK_BYTES if cfg.baseline != "none" else 0)
+    if free - fixed <= 0:
+        return None
+    try:
+        return make_plan(replace(cfg, memory_budget_gb=(free - fixed) / 1e9), [s.n_layers for s in shapes],
+                         [s.d_mlp for s in shapes], torch.device("cpu"), batch_bytes)
+    except PlanError:
+        return None
+
+
+def estimate(cfg: CorrelateConfig, shapes: list[Shape], device_bytes: float) -> dict[str, dict]:
+    """Per method: fits, peak bytes, passes, FLOPs (and their parts)."""
+    n = [s.n_neurons for s in shapes]
+    dtype_bytes = torch.finfo(getattr(torch, cfg.dtype or "float32")).bits // 8
+    weights = sum(s.params for s in shapes) * dtype_bytes
+    t_batch = cfg.batch_size * cfg.ctx
+    batch_bytes = sum(t_batch * s.n_neurons * (dtype_bytes + 4 + 2) for s in shapes)
+    budget = USABLE * device_bytes - weights
+    pairs = pairs_for(cfg.mode, len(shapes))
+    within = within_models(cfg, len(shapes))
+    rotated = rotated_models(cfg.mode, len(shapes)) if cfg.baseline != "none" else []
+    w_flops = sum(shapes[i].n_layers * shapes[i].d_mlp ** 2 for i in within)
+    comoment = 2 * sum(n[a] * n[m] for a, m in pairs)
+    forward = sum(s.forward_flops for s in shapes)
+    k = cfg.baseline_draws if cfg.baseline != "none" else 0
+    rot_finalize = sum(2 * n[a] * n[m] * k * (shapes[m].d_mlp + shapes[a].d_mlp * (cfg.mode == "all-pairs"))
+                       for a, m in pairs)
+    out: dict[str, dict] = {}
+
+    plan = _plan(cfg, shapes, budget, batch_bytes)
+    passes = len(plan.passes) if plan else None
+    exact = {"fits": plan is not None, "passes": passes, "weights": weights}
+    if plan is not None:
+        blocks = max(sum(plan.block_bytes(b) for b in p) for p in plan.passes)
+        exact["peak"] = weights + plan.fixed_bytes + blocks
+        exact["flops"] = cfg.tokens * (passes * forward + comoment + w_flops) + rot_finalize
+    out["exact"] = exact
+
+    from univ.run.screen import default_screen_tokens, directed_pairs
+
+    s_tok = default_screen_tokens(cfg.tokens) if cfg.screen_tokens is None else min(cfg.screen_tokens, cfg.tokens)
+    splan = _plan(replace(cfg, tokens=s_tok), shapes, budget, batch_bytes)
+    screen = {"fits": False, "screen_tokens": s_tok, "weights": weights}
+    if splan is not None:
+        w_rot = sum(4 * shapes[i].n_layers * shapes[i].d_mlp ** 2 for i in rotated)
+        segments = sum(4 * n[a] * LAYERS_PER_ROW * shapes[m].d_mlp for a, m in directed_pairs(cfg.mode, len(shapes)))
+        maxima = sum(4 * 2 * n[a] * shapes[m].n_layers * (1 + k) for a, m in directed_pairs(cfg.mode, len(shapes)))
+        room = budget - w_rot - maxima - batch_bytes
+        one_row_layer = max(4 * s.d_mlp for s in shapes)
+        if room >= one_row_layer:
+            v_passes = max(1, math.ceil(segments / room))
+            s_blocks = max(sum(splan.block_bytes(b) for b in p) for p in splan.passes)
+            seg_flops = 2 * segments / 4
+            screen.update(
+                fits=True, screen_passes=len(splan.passes), verify_passes=v_passes,
+                peak=weights + max(splan.fixed_bytes + s_blocks, w_rot + maxima + batch_bytes + min(segments, room)),
+                flops=s_tok * (len(splan.passes) * forward + comoment + w_flops) + rot_finalize
+                + cfg.tokens * (v_passes * forward + seg_flops + sum(shapes[i].n_layers * shapes[i].d_mlp ** 2
+                                                                    for i in rotated))
+                + rot_finalize * LAYERS_PER_ROW / max(min(s.n_layers for s in shapes), 1))
+    out["screen"] = screen
+    return out
+
+
+def dry_run(cfg: CorrelateConfig, *, peak_tflops: float | None = None, log=print) -> int:
+    """Print each method's plan; 0 if the chosen (or auto-picked) method fits one device, 2 if not."""
+    peak = peak_tflops or H100_BF16_TFLOPS
+    if peak <= 0:
+        raise UserError(f"--peak-tflops must be > 0, got {peak}")
+    device_bytes = cfg.memory_budget_gb * 1e9 / USABLE if cfg.memory_budget_gb else DEVICE_BYTES
+    shapes = [model_shape(m, cfg.trust_remote_code) for m in cfg.models]
+    est = estimate(cfg, shapes, device_bytes)
+    where = (f"a device of {format_bytes(device_bytes)} (--memory-budget {cfg.memory_budget_gb} GB)"
+             if cfg.memory_budget_gb else "one 80 GB device (--memory-budget GB for another)")
+    log(f"dry run: {len(shapes)} models, {cfg.tokens:,} tokens, mode {cfg.mode}, on {where}; times at "
+        f"{peak:g} TFLOP/s (--peak-tflops), a lower bound")
+    for s in shapes:
+        log(f"  {s.name}: {s.n_layers} layers × {s.d_mlp:,} neurons = {s.n_neurons:,}, d_model {s.d_model}, "
+            f"~{s.params / 1e9:.2f} B parameters")
+    log(f"  weights ({cfg.dtype or 'float32'}) {format_bytes(est['exact']['weights'])}")
+    for method in ("exact", "screen"):
+        e = est[method]
+        if not e["fits"]:
+            log(f"  {method:6s}: does not fit: even its smallest accumulator exceeds what the weights leave free"
+                + ("; try --dtype bfloat16" if not cfg.dtype else ""))
+            continue
+        hours = e["flops"] / (peak * 1e12) / 3600
+        passes = (f"{e['passes']} pass{'es' if e['passes'] > 1 else ''} over the tokens" if method == "exact" else
+                  f"{e['screen_passes']} over a {e['screen_tokens']:,}-token sample, then {e['verify_passes']} "
+                  f"verify pass{'es' if e['verify_passes'] > 1 else ''} (at {LAYERS_PER_ROW:g} layers per neuron)")
+        log(f"  {method:6s}: peak {format_bytes(e['peak'])} per device, {passes}, {e['flops']:.3g} FLOPs, "
+            f"≥ {hours:.2f} h")
+    fits = {m for m in ("exact", "screen") if est[m]["fits"]}
+    if cfg.method == "auto":
+        chosen = "exact" if est["exact"]["fits"] and est["exact"]["passes"] == 1 else "screen"
+        log(f"  --method auto would run: {chosen}")
+    else:
+        chosen = cfg.method
+    if chosen not in fits:
+        hint = suggest(cfg, shapes, device_bytes, chosen)
+        log(f"  --method {chosen} cannot fit this device" + (f"; it fits with {hint}" if hint else
+                                                            ": use a larger device, or torchrun on more GPUs"))
+        return 2
+    return 0
+
+
+def suggest(cfg: CorrelateConfig, shapes: list[Shape], device_bytes: float, method: str) -> str | None:
+    """The first of: 16-bit weights, no layer CKA (its W of every model), smaller batches, that makes it fit."""
+    changes: list[tuple[str, dict]] = []
+    if cfg.dtype in (None, "float32"):
+        changes.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
+    if cfg.layer_similarity:
+        changes.append(("--no-layer-similarity", {"layer_similarity": False}))
+    flags, kw = [], {}
+    for flag, change in [(None, {}), *changes]:
+        if flag:
+            flags.append(flag)
+            kw.update(change)
+        batch = cfg.batch_size
+        while batch >= 1:
+            trial = replace(cfg, batch_size=batch, **kw)
+            if estimate(trial, shapes, device_bytes)[method]["fits"]:
+                extra = [] if batch == cfg.batch_size else [f"--batch-size {batch}"]
+                return " ".join(flags + extra) or None
+            batch //= 2
+    return None
