@@ -179,3 +179,16 @@ def test_sweep_errors(tmp_path, ckpts):
         sweep.run_sweep([str(ckpts.seeds[0])], list(STEPS), base, **QUIET)
     with pytest.raises(UserError, match="no checkpoint subfolder 'step-9'"):
         sweep.run_sweep([str(s) for s in ckpts.seeds], ["step-9"], base, **QUIET)
+
+
+def test_sweep_with_the_screen_method_counts_the_same(swept, ckpts, tmp_path):
+    """--method screen at every checkpoint: the same universal counts as the exhaustive runs."""
+    from dataclasses import replace
+
+    _, table, _ = swept
+    base = replace(_cfg(["-", "-"], ckpts.data, tmp_path), method="screen", screen_tokens=400)
+    screened = sweep.run_sweep([str(s) for s in ckpts.seeds], list(STEPS), base, progress=False, log=lambda *a: None)
+    cols = ["revision", "layer", "universal", "neurons"]
+    pd.testing.assert_frame_equal(screened[cols], table[cols])
+    np.testing.assert_allclose(screened["mean_excess"], table["mean_excess"], atol=1e-5)
+    assert json.loads((tmp_path / STEPS[0] / "run.json").read_text())["method"] == "screen"

@@ -236,6 +236,7 @@ def format_sweep(table: pd.DataFrame) -> str:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``univ sweep``."""
     from univ.correlate import MODES
+    from univ.run.config import METHODS
 
     p = subparsers.add_parser(
         "sweep",
@@ -274,6 +275,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="excess-correlation cut (default the paper's 0.5)")
     p.add_argument("--rule", default="mean", choices=["mean", "strict"], help="universal rule (default mean)")
     p.add_argument("--save-state", action="store_true", help="keep each run's accumulators (OUT/<rev>/state)")
+    p.add_argument("--method", choices=METHODS, default="auto", help="as in correlate: exact, screen or auto")
+    p.add_argument("--screen-tokens", type=int, default=None, help="as in correlate (screen's sample size)")
     p.set_defaults(func=_main)
     return p
 
@@ -285,6 +288,7 @@ def _main(args: argparse.Namespace) -> int:
         models=("-", "-"), data=args.data, out=args.out, tokens=args.tokens, mode=args.mode, ctx=args.ctx,
         batch_size=args.batch_size, seed=args.seed, text_field=args.text_field, split=args.split,
         exclude_newlines=not args.keep_newlines, device=args.device, dtype=args.dtype, save_state=args.save_state,
+        method=args.method, screen_tokens=args.screen_tokens,
     )  # fmt: skip
     run_sweep(args.models, args.revisions, base, threshold=args.threshold, rule=args.rule)
     return 0

@@ -2,8 +2,9 @@
 
 Nothing is loaded but each model's ``config.json`` (a local folder, or a Hub name when online): no weights,
 no data. The exact method's plan is ``univ.run.plan.make_plan``'s; the screen's is its screen plan over the
-sample plus a verify stage of ``LAYERS_PER_ROW`` layers per neuron (what it verified on the shipped zoos;
-the real run says what it needed in run.json). Times are FLOPs at the named peak: a lower bound.
+sample plus a verify stage over a share of the neuron × layer rows (``VERIFIED_SHARE``: what the shipped depth
+zoo needs at a 2 M-token sample, by baseline draws; the real run records its own in run.json). Times are
+FLOPs at the named peak: a lower bound.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from univ.run.plan import PlanError, format_bytes, make_plan, pairs_for, rotated
 H100_BF16_TFLOPS = 989.0  # dense bf16 (SXM), the default --peak-tflops
 DEVICE_BYTES = 80e9  # the default device when --memory-budget is not given: one 80 GB GPU
 USABLE = 0.9  # the share of the device the run plans to use (as make_plan's default budget)
-LAYERS_PER_ROW = 2.0  # verified layers per neuron assumed by the plan (the run records what it needed)
+# Share of neuron × layer rows the verify stage computes, by baseline draws: predicted for a 2 M-token sample from
+# the depth zoo's exact per-layer maxima and measured margins (bench/bench_screen.py, bench/RESULTS.md). Every
+# draw's best rotated layer must be verified, which is what keeps it high.
+VERIFIED_SHARE = {0: 0.24, 1: 0.37, 4: 0.54, 16: 0.72}
+
+
+def verified_share(draws: int) -> float:
+    return VERIFIED_SHARE[max(k for k in VERIFIED_SHARE if k <= draws)]
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,8 @@ def estimate(cfg: CorrelateConfig, shapes: list[Shape], device_bytes: float) -> 
     screen = {"fits": False, "screen_tokens": s_tok, "weights": weights}
     if splan is not None:
         w_rot = sum(4 * shapes[i].n_layers * shapes[i].d_mlp ** 2 for i in rotated)
-        segments = sum(4 * n[a] * LAYERS_PER_ROW * shapes[m].d_mlp for a, m in directed_pairs(cfg.mode, len(shapes)))
+        share = verified_share(k)
+        segments = sum(4 * n[a] * share * n[m] for a, m in directed_pairs(cfg.mode, len(shapes)))
         maxima = sum(4 * 2 * n[a] * shapes[m].n_layers * (1 + k) for a, m in directed_pairs(cfg.mode, len(shapes)))
         room = budget - w_rot - maxima - batch_bytes
         one_row_layer = max(4 * s.d_mlp for s in shapes)
@@ -132,7 +141,7 @@ def estimate(cfg: CorrelateConfig, shapes: list[Shape], device_bytes: float) -> 
                 flops=s_tok * (len(splan.passes) * forward + comoment + w_flops) + rot_finalize
                 + cfg.tokens * (v_passes * forward + seg_flops + sum(shapes[i].n_layers * shapes[i].d_mlp ** 2
                                                                     for i in rotated))
-                + rot_finalize * LAYERS_PER_ROW / max(min(s.n_layers for s in shapes), 1))
+                + rot_finalize * share, verified_share=share)
     out["screen"] = screen
     return out
 
@@ -162,7 +171,8 @@ def dry_run(cfg: CorrelateConfig, *, peak_tflops: float | None = None, log=print
         hours = e["flops"] / (peak * 1e12) / 3600
         passes = (f"{e['passes']} pass{'es' if e['passes'] > 1 else ''} over the tokens" if method == "exact" else
                   f"{e['screen_passes']} over a {e['screen_tokens']:,}-token sample, then {e['verify_passes']} "
-                  f"verify pass{'es' if e['verify_passes'] > 1 else ''} (at {LAYERS_PER_ROW:g} layers per neuron)")
+                  f"verify pass{'es' if e['verify_passes'] > 1 else ''} (assuming {100 * e['verified_share']:.0f} % of "
+                  "neuron × layer rows verified)")
         log(f"  {method:6s}: peak {format_bytes(e['peak'])} per device, {passes}, {e['flops']:.3g} FLOPs, "
             f"≥ {hours:.2f} h")
     fits = {m for m in ("exact", "screen") if est[m]["fits"]}

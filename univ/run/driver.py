@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -253,7 +254,11 @@ def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, iden
     manifest["method"] = "screen"
     manifest["screen"] = srun.report()
     measured_peak = meter.measured_peak()
-    manifest["memory"].update(measured_peak_bytes=measured_peak)
+    forward = memory.forward_bytes(models, cfg.batch_size, cfg.ctx)
+    screen_peak = memory.run_bytes(plan, replace(cfg, tokens=srun.screen_tokens), models)
+    planned_peak = meter.planned_peak(max(screen_peak, srun.c.get("verify_bytes", 0) + forward))
+    manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak,
+                              screen_stage_bytes=screen_peak, verify_stage_bytes=srun.c.get("verify_bytes"))
     if cfg.save_state:  # the sample's and the verified maxima, margins and masks, for re-analysis
         files.write_tensors(out / "state" / "screen.safetensors", {k: v.detach().contiguous().cpu()
                                                                    for k, v in srun.t.items()},
@@ -268,6 +273,7 @@ def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, iden
     if tokens_seen < cfg.tokens:
         log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
             "(--tokens); run.json records both")
+    log(memory.summary_line(planned_peak, measured_peak))
     log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {ident['run_id']})")
     return out
 

@@ -18,6 +18,7 @@ in the screen restarts the screen.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -92,7 +93,34 @@ class ScreenRun:
         return self.n_layers[self.pairs[p][1]]
 
     def rows_needing(self, p: int, layer: int) -> torch.Tensor:
-        return self.t[f"todo.{p}"][:, layer].nonzero().flatten()
+        """The rows of pair p that this round verifies against layer ``layer`` (cached for the round)."""
+        key = (self.c["round"], p, layer)
+        if getattr(self, "_rows_key", None) != self.c["round"]:
+            self._rows, self._rows_key = {}, self.c["round"]
+        if key not in self._rows:
+            self._rows[key] = self.t[f"todo.{p}"][:, layer].nonzero().flatten()
+        return self._rows[key]
+
+    def verify_line(self) -> str:
+        """What this round verifies, against the exhaustive method's every row × layer."""
+        todo = sum(int(self.t[f"todo.{p}"].sum()) for p in range(len(self.pairs)))
+        total = sum(self.n_rows(p) * self.layers_of(p) for p in range(len(self.pairs)))
+        what = "verify" if self.c["round"] == 0 else "fallback (uncertified rows, every remaining layer)"
+        return (f"{what}: {todo:,} of {total:,} neuron × layer co-moment rows ({100 * todo / max(total, 1):.1f} %) "
+                f"over all {self.cfg.tokens:,} tokens in {len(self.c['items'])} pass"
+                f"{'es' if len(self.c['items']) > 1 else ''}; stage memory {format_bytes(self.verify_bytes())}")
+
+    def verify_bytes(self) -> int:
+        """The verify stage's largest pass: its row-layer co-moments, W and the always-verified columns (first
+        pass), the moments, the maxima and one batch of every model's activations and operands."""
+        per_pass = [sum(4 * (it[3] - it[2]) * self.d[self.pairs[it[0]][1]] for it in items)
+                    for items in self.c["items"]] or [0]
+        maxima = sum(v.numel() * v.element_size() for v in self.t.values())
+        moments = sum(8 * 4 * n * d for n, d in zip(self.n_layers, self.d, strict=True))
+        t_batch = self.cfg.batch_size * self.cfg.ctx
+        batch = sum(t_batch * n * d * (4 + 4 + self.operand_dtype.itemsize)
+                    for n, d in zip(self.n_layers, self.d, strict=True))
+        return max(per_pass[0] + self._first_pass_bytes(), max(per_pass)) + maxima + moments + batch
 
     # -- screen -------------------------------------------------------------------------------------------
     def screen_batches(self, tokenizer):
@@ -218,6 +246,7 @@ class ScreenRun:
                     r0 += fit
         self.c["items"] = [[[it.p, it.layer, it.r0, it.r1] for it in ps] for ps in passes]
         self.c["pass"] = 0
+        self.c["verify_bytes"] = max(self.c.get("verify_bytes", 0), self.verify_bytes())
         self._start_pass()
 
     def _budget(self) -> int:
@@ -518,7 +547,8 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
     timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "screen_s": 0.0}
     if meta is not None:
         run.load_checkpoint(out, meta)
-    with StopFlag() as flag:
+    with StopFlag() as flag, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="data source .* ran out")  # said in the summary and run.json
         if run.c["stage"] == "screen":
             if meta is None:
                 run.write_checkpoint(out, ident)  # so that --resume after a kill in the screen restarts it
@@ -536,6 +566,7 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
             timings["screen_s"] += time.perf_counter() - t0
             run.c["screen_plan"] = plan.to_dict()
             run.write_checkpoint(out, ident)
+            log(run.verify_line())
         else:
             log(f"resuming the verify stage: round {run.c['round'] + 1}, pass {run.c['pass'] + 1} after "
                 f"{run.c['batches_done']} batches (checkpoint generation {run.generation})")
@@ -561,10 +592,13 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
                 from univ.data import DataError
 
                 raise DataError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+            round_before = run.c["round"]
             run.finish_pass()
             next_ckpt = cfg.checkpoint_every and cfg.checkpoint_every
             if run.c["stage"] == "verify":
                 run.write_checkpoint(out, ident)
+                if run.c["round"] != round_before:
+                    log(run.verify_line())
     plan = Plan.from_dict(run.c["screen_plan"], run.d, run.n_layers, batch_bytes)
     return Outcome(run), plan, run, timings, run.c["tokens_seen"]
 
