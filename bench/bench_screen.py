@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; zoo {args.zoo} (2 seeds), {args.draws} baseline draws")
     rows, tables = [], {}
-    for name, extra in [("exact", {"method": "exact"})] + [(f"screen S={s}", {"method": "screen", "screen_tokens": int(s)})
-                                                         for s in args.screen.split(",")]:
+    runs = [("exact", {"method": "exact"})]
+    runs += [(f"screen S={s}", {"method": "screen", "screen_tokens": int(s)}) for s in args.screen.split(",")]
+    for name, extra in runs:
         out = root / name.replace(" ", "-").replace("=", "")
         t0 = time.perf_counter()
         run(CorrelateConfig(out=str(out), **base, **extra), overwrite=True, progress=False, log=lambda *a: None)

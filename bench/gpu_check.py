@@ -24,6 +24,9 @@
 
 (d) With ≥ 2 GPUs: ``univ correlate`` under torchrun (NCCL, one rank per GPU) against one process: same r
     (≤ 1e-5) and argmax.
+(e) ``univ correlate --method screen`` against ``--method exact`` on the GPU (Triton kernels, fp16 operands),
+    the shipped depth zoo's first two seeds: every float column of neurons.parquet within 1e-4 (the two
+    methods sum the same fp16 operands in different orders), argmax differences counted, both wall times.
 
 Exit status: 0 when every check passes (or there is no GPU: it says so and stops), 1 when one fails.
 """
@@ -711,6 +714,46 @@ def check_nccl_run(device) -> bool:
     return ok
 
 
+def check_screen_run(device) -> bool:
+    """(e) the screen method against the exact one on this GPU: the same table (≤ 1e-4), and both wall times."""
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO))
+    from univ.corpus import write_corpus_files
+    from univ.zoo import resolve_zoo, seed_dirs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        seeds = seed_dirs(resolve_zoo("depth"))[:2]
+        data = write_corpus_files(root, "heldout")
+        base = [sys.executable, "-m", "univ", "correlate", *map(str, seeds), "--data", str(data), "--tokens",
+                "100000", "--ctx", "128", "--batch-size", "16"]
+        walls = {}
+        for method in ("exact", "screen"):
+            t0 = time.perf_counter()
+            done = subprocess.run([*base, "--method", method, "--screen-tokens", "20000", "--out",
+                                   str(root / method)], capture_output=True, text=True, timeout=500, cwd=REPO)
+            walls[method] = time.perf_counter() - t0
+            if done.returncode != 0:
+                print(f"  FAIL  screen run: {method} exited {done.returncode}: {done.stderr[-400:]}")
+                record("screen", "screen_vs_exact", status="FAIL", error=done.stderr[-400:])
+                return False
+        a, b = (pd.read_parquet(root / n / "neurons.parquet") for n in ("exact", "screen"))
+        rep = json.loads((root / "screen" / "run.json").read_text())["screen"]
+    err = max(float(np.nanmax((a[c] - b[c]).abs())) for c in a.columns if a[c].dtype.kind == "f")
+    n_arg = sum(int((a[c] != b[c]).sum()) for c in a.columns if c.startswith("argmax_"))
+    ok = err <= 1e-4
+    print(f"  {status(ok)}  screen vs exact on {device}: max |Δ| {err:.2e}, argmax differences {n_arg}, "
+          f"exact {walls['exact']:.1f} s, screen {walls['screen']:.1f} s, verified flops ratio {rep['flops']['ratio']}")
+    record("screen", "screen_vs_exact", status=status(ok), max_abs_diff=err, argmax_diffs=n_arg,
+           exact_s=walls["exact"], screen_s=walls["screen"], flops_ratio=rep["flops"]["ratio"])
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available() and not ARGS.interpret:
         print(
@@ -726,6 +769,7 @@ def main() -> int:
     ok = run_correctness(device, INTERPRET_SHAPES if ARGS.interpret else CHECK_SHAPES, ARGS.repeats)
     if device.type == "cuda":
         ok = attempt(check_nccl_run, device) and ok
+        ok = attempt(check_screen_run, device) and ok
     if device.type == "cuda" and not ARGS.skip_timing:
         ceilings = run_ceilings(device)
         run_timings(device, ceilings)

@@ -99,7 +99,7 @@ def test_permuted_copy_recovered_exactly(deep, tmp_path):
     assert (t[f"argmax_layer.{label}"] == t["layer"]).all()
     for layer, p in enumerate(index):  # neuron n of the copy is neuron p[n] of the original
         got = t[t.layer == layer][f"argmax_neuron.{label}"].to_numpy()
-        assert (p[got].numpy() == np.arange(len(p))).all()
+        assert (p[torch.from_numpy(got.copy())].numpy() == np.arange(len(p))).all()
 
 
 # -- planted activations -----------------------------------------------------------------------------------------
@@ -337,4 +337,37 @@ def test_sigkill_after_any_write_then_resume(deep, uninterrupted, tmp_path, k):
     else:  # finished: a second start refuses, and the folder's table is the answer
         with pytest.raises(Refused):
             run(cfg, progress=False, log=_quiet)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "neurons.parquet"), want)
+
+
+@pytest.mark.parametrize("stage", ["screen", "verify"])
+def test_sigterm_writes_a_checkpoint_and_resume_matches(deep, tmp_path, monkeypatch, stage):
+    """SIGTERM in the screen (it restarts on --resume) or in the verify pass (it continues): exit via
+    Interrupted, then --resume ends with the uninterrupted table."""
+    import os
+    import signal
+
+    from univ.errors import Interrupted
+    from univ.run import screen
+
+    paths, data = deep
+    kw = dict(method="screen", screen_tokens=400, tokens=1200)
+    run(_cfg(paths[:2], data, tmp_path / "ref", **kw), progress=False, log=_quiet)
+    want = pd.read_parquet(tmp_path / "ref" / "neurons.parquet")
+    name, owner = ("process_batch", screen) if stage == "screen" else ("verify_batch", screen.ScreenRun)
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def terminated(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets the flag: this batch still completes
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, terminated)
+    out = tmp_path / "r"
+    with pytest.raises(Interrupted, match="--resume"):
+        run(_cfg(paths[:2], data, out, **kw), progress=False, log=_quiet)
+    monkeypatch.setattr(owner, name, real)
+    run(_cfg(paths[:2], data, out, **kw), resume=True, progress=False, log=_quiet)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "neurons.parquet"), want)

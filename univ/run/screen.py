@@ -488,6 +488,10 @@ class ScreenRun:
             for p in range(len(self.pairs)):
                 if self.t[f"done.{p}"].shape != (self.n_rows(p), self.layers_of(p)):
                     raise ValueError(f"done.{p} does not match the models' neurons")
+            held = sorted({m.n for i, m in enumerate(self.moments) if i in self.active()})
+            if held != [self.c["tokens_done"]] or not 0 <= self.c["batches_done"] <= self.c["tokens_done"]:
+                raise ValueError(f"counters: tokens_done {self.c['tokens_done']}, batches_done "
+                                 f"{self.c['batches_done']}, but the moments hold {held} tokens")
         except (KeyError, ValueError, IndexError, TypeError) as e:
             raise Refused(f"checkpoint unusable: {checkpoint.path(out)} does not hold a screen run's state for "
                           f"these models and options ({e}); start again with --overwrite") from e
