@@ -3,6 +3,7 @@ model at 1e8 tokens.
 
     python -m bench.bench_screen                       # the shipped depth zoo, two seeds, its held-out text
     python -m bench.bench_screen --zoo DIR --screen 8000,34000 --tokens 170000
+    python -m bench.bench_screen --shape gpt2-small --tokens 4096 --screen 1024 --draws 1   # random-init 12 x 3,072
 
 Each method runs in this process on the same models and tokens (exact first). Reported per run: wall s,
 FLOPs done (run.json), × exact (wall), measured peak / planned peak, verified share of neuron × layer rows,
@@ -67,14 +68,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screen", default="8000,34000", help="sample sizes to try, comma-separated")
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--out", default="runs/bench-screen")
+    ap.add_argument("--shape", default=None, choices=["gpt2-small"],
+                    help="two random-init models of this shape instead of the zoo (bench.bench_correlate.make_seeds)")
     args = ap.parse_args(argv)
-    seeds = seed_dirs(resolve_zoo(args.zoo))[:2]
     root = Path(args.out)
+    if args.shape:
+        from bench.bench_correlate import make_seeds
+
+        seeds = make_seeds(root / "models", 2, "small")
+    else:
+        seeds = seed_dirs(resolve_zoo(args.zoo))[:2]
     data = write_corpus_files(root / "data", "heldout")
     base = dict(models=tuple(map(str, seeds)), data=str(data), tokens=args.tokens, ctx=128, batch_size=8,
                 backend="torch", baseline_draws=args.draws)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; zoo {args.zoo} (2 seeds), {args.draws} baseline draws")
+          f"{torch.get_num_threads()} threads; {args.shape or 'zoo ' + args.zoo} (2 seeds), {args.draws} draws")
     rows, tables = [], {}
     runs = [("exact", {"method": "exact"})]
     runs += [(f"screen S={s}", {"method": "screen", "screen_tokens": int(s)}) for s in args.screen.split(",")]

@@ -371,3 +371,33 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(deep, tmp_path, monkeypa
     monkeypatch.setattr(owner, name, real)
     run(_cfg(paths[:2], data, out, **kw), resume=True, progress=False, log=_quiet)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "neurons.parquet"), want)
+
+
+def test_activation_stats_and_checkpoints_in_a_screen_run(deep, tmp_path, monkeypatch):
+    """--activation-stats comes with the first verify pass (every token), also across a crash and --resume."""
+    from univ.run import screen
+
+    paths, data = deep
+    kw = dict(screen_tokens=400, tokens=1200, activation_stats=True, checkpoint_every=300)
+    stats = {}
+    for method in ("exact", "screen"):
+        out = tmp_path / method
+        run(_cfg(paths[:2], data, out, method=method, **kw), progress=False, log=_quiet)
+        stats[method] = pd.read_parquet(out / "activation_stats.parquet")
+    pd.testing.assert_frame_equal(stats["screen"], stats["exact"], atol=1e-9, rtol=1e-9)
+    real, calls = screen.ScreenRun.verify_batch, {"n": 0}
+
+    def crash(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(screen.ScreenRun, "verify_batch", crash)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError):
+        run(_cfg(paths[:2], data, out, method="screen", **kw), progress=False, log=_quiet)
+    monkeypatch.setattr(screen.ScreenRun, "verify_batch", real)
+    run(_cfg(paths[:2], data, out, method="screen", **kw), resume=True, progress=False, log=_quiet)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "activation_stats.parquet"), stats["exact"], atol=1e-9,
+                                  rtol=1e-9)

@@ -75,6 +75,22 @@ class ActivationStats:
         self.post_sum = z()
         self.n_post = 0
 
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """The sums as named tensors (a checkpoint's ``prefix``.shift/sums/n_pos/post_sum); counts: ``counters``."""
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.post_sum)
+        return {f"{prefix}.shift": shift, f"{prefix}.sums": self.sums, f"{prefix}.n_pos": self.n_pos,
+                f"{prefix}.post_sum": self.post_sum}
+
+    def counters(self) -> list:
+        return [self.n, self.n_post, self.shift is not None]
+
+    def load_state_dict(self, tensors: dict[str, Tensor], prefix: str, counters: list) -> None:
+        """Take over what ``state_dict`` and ``counters`` saved."""
+        self.n, self.n_post, has_shift = counters
+        self.shift = tensors[f"{prefix}.shift"].clone() if has_shift else None
+        self.sums, self.n_pos = tensors[f"{prefix}.sums"].clone(), tensors[f"{prefix}.n_pos"].clone()
+        self.post_sum = tensors[f"{prefix}.post_sum"].clone()
+
     @torch.no_grad()
     def update(self, pre: Tensor, post: Tensor | None = None) -> None:
         """Add T kept positions: pre, post [T, L, d_mlp] (any float dtype; post optional)."""

@@ -143,15 +143,10 @@ def _from_single(out: Path) -> Snapshot:
 
 def _stats_of(tensors: dict, counters: dict) -> dict[int, ActivationStats]:
     out = {}
-    for key, (n, n_post, has_shift) in counters.get("stats_n", {}).items():
+    for key, saved in counters.get("stats_n", {}).items():
         i = int(key)
-        sums = tensors[f"stats.{i}.sums"]
-        st = ActivationStats.__new__(ActivationStats)
-        st.n_layers, st.d_mlp, st.device = 1, sums.shape[1], torch.device("cpu")
-        st.n, st.n_post = n, n_post
-        st.shift = tensors[f"stats.{i}.shift"].clone() if has_shift else None
-        st.sums, st.n_pos = sums.clone(), tensors[f"stats.{i}.n_pos"].clone()
-        st.post_sum = tensors[f"stats.{i}.post_sum"].clone()
+        st = ActivationStats(1, tensors[f"stats.{i}.sums"].shape[1])
+        st.load_state_dict(tensors, f"stats.{i}", saved)
         out[i] = st
     return out
 

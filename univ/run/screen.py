@@ -447,11 +447,9 @@ class ScreenRun:
         for i, mom in enumerate(self.moments):
             named.update(mom.state_dict(f"mom.{i}"))
         for i, st in self.act_stats.items():
-            shift = st.shift if st.shift is not None else torch.zeros_like(st.post_sum)
-            named.update({f"stats.{i}.shift": shift, f"stats.{i}.sums": st.sums, f"stats.{i}.n_pos": st.n_pos,
-                          f"stats.{i}.post_sum": st.post_sum})
+            named.update(st.state_dict(f"stats.{i}"))
         counters = {**self.c, "moments_cur_n": [m.n for m in self.moments],
-                    "stats_n": {str(i): [st.n, st.n_post, st.shift is not None] for i, st in self.act_stats.items()}}
+                    "stats_n": {str(i): st.counters() for i, st in self.act_stats.items()}}
         meta = {"kind": checkpoint.KIND, "version": checkpoint.VERSION, "method": "screen", "run_id": ident["run_id"],
                 "generation": self.generation, "fingerprint": ident["fingerprint"], "counters": counters,
                 "univ_version": __version__}
@@ -481,10 +479,7 @@ class ScreenRun:
             for i, mom in enumerate(self.moments):
                 mom.load_state_dict(tensors, f"mom.{i}", c["moments_cur_n"][i])
             for i, st in self.act_stats.items():
-                st.n, st.n_post, has_shift = c["stats_n"][str(i)]
-                st.shift = tensors[f"stats.{i}.shift"].clone() if has_shift else None
-                st.sums, st.n_pos = tensors[f"stats.{i}.sums"].clone(), tensors[f"stats.{i}.n_pos"].clone()
-                st.post_sum = tensors[f"stats.{i}.post_sum"].clone()
+                st.load_state_dict(tensors, f"stats.{i}", c["stats_n"][str(i)])
             for p in range(len(self.pairs)):
                 if self.t[f"done.{p}"].shape != (self.n_rows(p), self.layers_of(p)):
                     raise ValueError(f"done.{p} does not match the models' neurons")

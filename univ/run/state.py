@@ -116,9 +116,7 @@ class RunState:
         for (a, m), k in self.cka.items():
             out[f"cka.{a}.{m}"] = k
         for i, st in self.act_stats.items():
-            shift = st.shift if st.shift is not None else torch.zeros_like(st.post_sum)
-            out.update({f"stats.{i}.shift": shift, f"stats.{i}.sums": st.sums, f"stats.{i}.n_pos": st.n_pos,
-                        f"stats.{i}.post_sum": st.post_sum})
+            out.update(st.state_dict(f"stats.{i}"))
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -132,7 +130,7 @@ class RunState:
     def counters(self) -> dict:
         return {"pass_index": self.pass_index, "batches_done": self.batches_done, "tokens_done": self.tokens_done,
                 "streamed": self.streamed, "moments_n": [m.n for m in self.moments],
-                "stats_n": {str(i): [st.n, st.n_post, st.shift is not None] for i, st in self.act_stats.items()}}
+                "stats_n": {str(i): st.counters() for i, st in self.act_stats.items()}}
 
     def load(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
         """Take over a checkpoint's tensors (already validated against ``expected()``) and counters."""
@@ -153,9 +151,6 @@ class RunState:
         for key in self.cka:
             self.cka[key] = tensors[f"cka.{key[0]}.{key[1]}"].clone()
         for i, st in self.act_stats.items():
-            st.n, st.n_post, has_shift = counters["stats_n"][str(i)]
-            st.shift = tensors[f"stats.{i}.shift"].clone() if has_shift else None
-            st.sums, st.n_pos = tensors[f"stats.{i}.sums"].clone(), tensors[f"stats.{i}.n_pos"].clone()
-            st.post_sum = tensors[f"stats.{i}.post_sum"].clone()
+            st.load_state_dict(tensors, f"stats.{i}", counters["stats_n"][str(i)])
 
 
