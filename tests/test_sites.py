@@ -242,3 +242,21 @@ def test_roles_of_latents_from_their_decoder_rows(tiny, tmp_path):
     neu = vocab_role_scores(lm).sort_values(["layer", "neuron"])
     for col in ("vocab_kurt", "vocab_skew", "vocab_var"):
         np.testing.assert_allclose(lat[col].to_numpy(), neu[col].to_numpy(), rtol=1e-4, atol=1e-6, err_msg=col)
+
+
+def test_sae_latents_screened_equal_exact(tiny, tmp_path):
+    """--method screen on SAE latents (two SAEs per model, one dead latent): the exhaustive method's table."""
+    root, a, b, data = tiny
+    g = torch.Generator().manual_seed(4)
+    saes = []
+    for name in ("a", "b"):
+        folders = []
+        for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+            W = torch.randn(D_MODEL, 24, generator=g) / D_MODEL**0.5
+            bias = torch.rand(24, generator=g) * 0.3
+            bias[3] = -1e4  # dead
+            folders.append(write_sae(tmp_path / f"sae-{name}-{hook}", W, bias, hook=hook))
+        saes.append(",".join(map(str, folders)))
+    exact = _run([a, b], saes, data, tmp_path / "exact", method="exact", baseline_draws=2)
+    screened = _run([a, b], saes, data, tmp_path / "screen", method="screen", screen_tokens=400, baseline_draws=2)
+    pd.testing.assert_frame_equal(screened, exact, atol=1e-5, rtol=0)
