@@ -401,3 +401,16 @@ def test_activation_stats_and_checkpoints_in_a_screen_run(deep, tmp_path, monkey
     run(_cfg(paths[:2], data, out, method="screen", **kw), resume=True, progress=False, log=_quiet)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "activation_stats.parquet"), stats["exact"], atol=1e-9,
                                   rtol=1e-9)
+
+
+def test_screen_equals_exact_on_the_shipped_zoo(tmp_path):
+    """The shipped zoo's three trained seeds (seed 0 against the other two) on its held-out plays."""
+    from univ.corpus import write_corpus_files
+    from univ.zoo import resolve_zoo, seed_dirs
+
+    seeds = seed_dirs(resolve_zoo("default"))
+    data = write_corpus_files(tmp_path / "data", "heldout")
+    e, s, manifest = _both(seeds, data, tmp_path, name="zoo", tokens=1500, ctx=128, batch_size=4,
+                           screen_tokens=500)
+    assert_same_answer(e, s)
+    assert len(e) == 2 * 1024 and manifest["screen"]["rounds"] >= 1

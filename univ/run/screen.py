@@ -310,8 +310,8 @@ class ScreenRun:
             a, m = self.pairs[it.p]
             rows = self.rows_needing(it.p, it.layer)[it.r0:it.r1]
             cols = slice(it.layer * self.d[m], (it.layer + 1) * self.d[m])
-            update_pair(self.t[f"seg.{it.p}.{it.layer}.{it.r0}"], select_columns(prepped[a], rows), prepped[m],
-                        cols=cols, **kw)
+            side = prepped[a] if len(rows) == self.n_rows(it.p) else select_columns(prepped[a], rows)  # no copy
+            update_pair(self.t[f"seg.{it.p}.{it.layer}.{it.r0}"], side, prepped[m], cols=cols, **kw)
         if self.first_pass:
             for i in self.rotated:
                 for layer in range(self.n_layers[i]):
