@@ -244,7 +244,7 @@ def _resolve_method(cfg: CorrelateConfig, meta: dict | None, n_layers, d_mlp, de
 
 def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident, labels, meter, started, *,
                 progress: bool, log) -> Path:
-    from univ.run.screen import run_screened
+    from univ.run.screen_stages import run_screened
 
     outcome, plan, srun, timings, tokens_seen = run_screened(cfg, out, meta, models, device, operand_dtype,
                                                              batch_bytes, ident, progress=progress, log=log)
