@@ -28,7 +28,7 @@ def register(subparsers) -> None:
             "  univ correlate zoo/seed-0 zoo/seed-1 zoo/seed-2 --data heldout.txt --tokens 60000 --ctx 128\n"
             "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run\n"
             "  univ correlate A B --data data.txt --out runs/p --paper-exact # the paper's choices (fp16 acts, K=1)\n"
-            "  univ correlate A B --data d.txt --method screen   # screen a sample, then verify: no N² accumulators\n"
+            "  univ correlate A B --data d.txt --method screen   # screen a sample, verify: N² only over the sample\n"
             "  univ correlate meta-llama/Llama-2-7b-hf lmsys/vicuna-7b-v1.5 --data d.txt --dry-run  # plan only"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,8 +96,9 @@ def register(subparsers) -> None:
                    help="screen sample size, spread evenly over the stream (default: 1/50 of --tokens, at least "
                         "200,000)")
     p.add_argument("--dry-run", action="store_true",
-                   help="read only each model's config; print each method's memory, passes, FLOPs and estimated "
-                        "time, and exit (2 if no method fits)")
+                   help="read only each model's config (no weights, no data); print each method's memory, passes, "
+                        "FLOPs and estimated time, and exit: 2 if the method asked for (or auto's pick) does not fit, "
+                        "naming the options that would make it fit")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
                    help="--dry-run: the device's dense TFLOP/s for the time estimate (default: an H100's bf16, 989)")
     p.set_defaults(func=main)
