@@ -70,34 +70,47 @@ def rotation_bank(state: RunState, cfg: CorrelateConfig) -> RotationBank:
     return state.rotations
 
 
-def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateConfig) -> torch.Tensor:
-    """[K, rows]: per draw, max over every rotated neuron of model m (layer by layer) for each row of the block."""
+def rotated_by_layer(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateConfig):
+    """Per layer of model m: (layer, [K, rows]) each row's max r over that layer's rotated neurons, per draw."""
     m, d_m = b.m, state.plan.d_mlp[b.m]
     u_m = state.moments[m].offset()
     bank = rotation_bank(state, cfg)
-    best = torch.full((cfg.baseline_draws, c.shape[0]), float("-inf"), device=c.device)
     for layer in range(state.plan.n_layers[m]):
         cols = slice(layer * d_m, (layer + 1) * d_m)
         q_cat, inv_rot = bank.get(m, layer, centred_within(state, m, layer))
         # centred [rows, d_m] a chunk at a time inside rotated_max
-        best = torch.maximum(best, rotated_max(c[:, cols], inv_a, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_a,
-                                               u_cols=u_m[cols]).nan_to_num(nan=float("-inf")))
+        yield layer, rotated_max(c[:, cols], inv_a, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_a,
+                                 u_cols=u_m[cols])
+
+
+def rotated_by_layer_reverse(state: RunState, b: Block, c, u_a, cfg: CorrelateConfig):
+    """All-pairs, per layer of a in the block: (layer, [K, n_m]) each neuron of m's max r over that layer's
+    rotated neurons, per draw."""
+    a, d_a = b.a, state.plan.d_mlp[b.a]
+    mm = state.moments[b.m]
+    u_m, inv_m = mm.offset(), mm.inv_sd()
+    bank = rotation_bank(state, cfg)
+    for k, layer in enumerate(range(b.layer_start, b.layer_end)):
+        rows = slice(k * d_a, (k + 1) * d_a)
+        q_cat, inv_rot = bank.get(a, layer, centred_within(state, a, layer))
+        # centred [n_m, d_a] a chunk at a time inside rotated_max
+        yield layer, rotated_max(c[rows].t(), inv_m, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_m,
+                                 u_cols=u_a[rows])
+
+
+def forward_baseline(state: RunState, b: Block, c, u_a, inv_a, cfg: CorrelateConfig) -> torch.Tensor:
+    """[K, rows]: per draw, max over every rotated neuron of model m (layer by layer) for each row of the block."""
+    best = torch.full((cfg.baseline_draws, c.shape[0]), float("-inf"), device=c.device)
+    for _, r in rotated_by_layer(state, b, c, u_a, inv_a, cfg):
+        best = torch.maximum(best, r.nan_to_num(nan=float("-inf")))
     return torch.where(torch.isinf(best), float("nan"), best)
 
 
 def reverse_baseline(state: RunState, b: Block, c, u_a, cfg: CorrelateConfig) -> torch.Tensor:
     """All-pairs, [K, n_m]: per draw, for each neuron of m, max over rotated neurons of the block's layers of a."""
-    a, d_a = b.a, state.plan.d_mlp[b.a]
-    mm = state.moments[b.m]
-    u_m, inv_m = mm.offset(), mm.inv_sd()
-    bank = rotation_bank(state, cfg)
     best = torch.full((cfg.baseline_draws, c.shape[1]), float("-inf"), device=c.device)
-    for k, layer in enumerate(range(b.layer_start, b.layer_end)):
-        rows = slice(k * d_a, (k + 1) * d_a)
-        q_cat, inv_rot = bank.get(a, layer, centred_within(state, a, layer))
-        # centred [n_m, d_a] a chunk at a time inside rotated_max
-        best = torch.maximum(best, rotated_max(c[rows].t(), inv_m, q_cat, inv_rot, cfg.baseline_draws, u_rows=u_m,
-                                               u_cols=u_a[rows]).nan_to_num(nan=float("-inf")))
+    for _, r in rotated_by_layer_reverse(state, b, c, u_a, cfg):
+        best = torch.maximum(best, r.nan_to_num(nan=float("-inf")))
     return best
 
 

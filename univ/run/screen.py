@@ -27,7 +27,7 @@ from univ.baseline import RotationBank, rotated_max
 from univ.errors import Interrupted, Refused
 from univ.run import certify, checkpoint, files
 from univ.run.config import CorrelateConfig
-from univ.run.finalize import block_cka, centred_within
+from univ.run.finalize import block_cka, rotated_by_layer, rotated_by_layer_reverse
 from univ.run.plan import Plan, analysed_models, format_bytes, make_plan, pairs_for, rotated_models
 from univ.run.state import RunState
 from univ.run.stream import ActivationError, StopFlag, forward_activations, process_batch, token_stream
@@ -136,14 +136,12 @@ class ScreenRun:
         cfg_s = replace(self.cfg, tokens=self.screen_tokens, activation_stats=False)
         plan = make_plan(cfg_s, self.n_layers, self.d, self.device, batch_bytes)
         state = RunState(plan, self.models, self.device, cfg_s)
-        for p in range(len(self.pairs)):
-            a, m = self.pairs[p]
+        for p, (_, m) in enumerate(self.pairs):
             self.t[f"sc_max.{p}"] = torch.full((self.n_rows(p), self.n_layers[m]), float("-inf"))
             if self.rotated:
                 self.t[f"sc_rot.{p}"] = torch.full((self.k, self.n_rows(p), self.n_layers[m]), float("-inf"))
         for a, m in pairs_for(self.cfg.mode, len(self.models)):
             self.t[f"hist.{a}.{m}"] = torch.zeros(self.cfg.bins, dtype=torch.int64)
-        bank = RotationBank(self.cfg.baseline, self.cfg.baseline_seed, self.k) if self.rotated else None
         while not state.finished:
             for batch in self.screen_batches(self.models[0].tokenizer):
                 process_batch(state, self.models, batch.input_ids, batch.keep, cfg_s, self.operand_dtype, timings,
@@ -160,7 +158,7 @@ class ScreenRun:
                 self.c["flops_screen"] += state.tokens_done * sum(w.numel() for w in state.within.values())
                 for i, mom in enumerate(state.moments):
                     self.t[f"screen_dead.{i}"] = mom.dead.cpu()
-            self._reduce_screen_pass(state, bank)
+            self._reduce_screen_pass(state)
             state.start_pass(state.pass_index + 1)
         for (a, m), k in state.cka.items():
             self.t[f"cka.{a}.{m}"] = k
@@ -168,7 +166,7 @@ class ScreenRun:
         self._start_verify()
         return plan
 
-    def _reduce_screen_pass(self, state: RunState, bank: RotationBank | None) -> None:
+    def _reduce_screen_pass(self, state: RunState) -> None:
         cfg, index = self.cfg, {pr: i for i, pr in enumerate(self.pairs)}
         for b, c in state.blocks.items():
             ma, mm = state.moments[b.a], state.moments[b.m]
@@ -189,18 +187,13 @@ class ScreenRun:
                     if rev is not None:
                         self.t[f"sc_max.{rev}"][cols, la] = s.max_b.cpu()
             block_cka(state, b, c, ma.offset()[rows])
-            if bank is None:
+            if not self.rotated:
                 continue
-            for lm in range(self.n_layers[b.m]):
-                cols = slice(lm * d_m, (lm + 1) * d_m)
-                q, inv_rot = bank.get(b.m, lm, centred_within(state, b.m, lm))
-                self.t[f"sc_rot.{fwd}"][:, rows, lm] = rotated_max(c[:, cols], inv_a_all[rows], q, inv_rot,
-                                                                   self.k).cpu()
+            for lm, r in rotated_by_layer(state, b, c, ma.offset()[rows], inv_a_all[rows], cfg):
+                self.t[f"sc_rot.{fwd}"][:, rows, lm] = r.cpu()
             if rev is not None:
-                for la in range(b.layer_start, b.layer_end):
-                    r = slice((la - b.layer_start) * d_a, (la - b.layer_start + 1) * d_a)
-                    q, inv_rot = bank.get(b.a, la, centred_within(state, b.a, la))
-                    self.t[f"sc_rot.{rev}"][:, :, la] = rotated_max(c[r].t(), inv_m, q, inv_rot, self.k).cpu()
+                for la, r in rotated_by_layer_reverse(state, b, c, ma.offset()[rows], cfg):
+                    self.t[f"sc_rot.{rev}"][:, :, la] = r.cpu()
 
     def _start_verify(self) -> None:
         """Round 0's layers per row, the screen-dead columns, and empty verified maxima."""
