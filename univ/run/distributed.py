@@ -217,7 +217,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
     from univ.run.folder import OutLock, open_folder
     from univ.run.inputs import load_models
     from univ.run.outputs import build_manifest, summary_text, write_outputs
-    from univ.run.plan import Block, Plan, available_memory, pairs_for, rotated_models
+    from univ.run.plan import Block, Plan, accumulator_budget, pairs_for, rotated_models
     from univ.run.state import RunState
     from univ.run.stream import process_batch, token_stream
     from univ_kernels.streaming import default_operand_dtype
@@ -275,10 +275,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         if same_layout:
             k, budget = manifest["token_shards"], manifest["budget_bytes"]
         else:
-            if cfg.memory_budget_gb is not None:
-                budget = int(cfg.memory_budget_gb * 1e9)
-            else:
-                budget = int(0.9 * available_memory(device)) - batch_bytes
+            budget = accumulator_budget(cfg, device, batch_bytes)
             t = torch.tensor([budget], dtype=torch.int64, device=comm)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             budget = int(t.item())

@@ -85,10 +85,9 @@ def _resume_source(out: Path, *, resume: bool, overwrite: bool, log) -> dict | N
 
 
 def _check_fits(plan: Plan, cfg: CorrelateConfig, device: torch.device, source: str) -> None:
-    from univ.run.plan import available_memory, format_bytes
+    from univ.run.plan import accumulator_budget, format_bytes
 
-    budget = int(cfg.memory_budget_gb * 1e9) if cfg.memory_budget_gb is not None else \
-        int(0.9 * available_memory(device)) - plan.fixed_bytes
+    budget = accumulator_budget(cfg, device, plan.fixed_bytes)
     need = max(sum(plan.block_bytes(b) for b in p) for p in plan.passes)
     if need > budget:
         raise PlanError(f"the checkpoint of {source} has a pass of {format_bytes(need)} of accumulators, more than "
@@ -210,13 +209,21 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak)
         table = write_outputs(out, state, models, labels, cfg, manifest)
         checkpoint.remove(out)
+    _log_finished(table, cfg, out, ident["run_id"], tokens_seen, planned_peak, measured_peak, log)
+    return out
+
+
+def _log_finished(table, cfg: CorrelateConfig, out: Path, run_id: str, tokens_seen: int, planned_peak: int,
+                  measured_peak: int, log, method_line: str | None = None) -> None:
+    """The end of a run on the terminal, for either method: the table's summary, memory, tokens, where it went."""
     log(summary_text(table))
+    if method_line:
+        log(method_line)
     log(memory.summary_line(planned_peak, measured_peak))
     if tokens_seen < cfg.tokens:
         log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
             "(--tokens); run.json records both")
-    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {ident['run_id']})")
-    return out
+    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {run_id})")
 
 
 def _resolve_method(cfg: CorrelateConfig, meta: dict | None, n_layers, d_mlp, device, batch_bytes, log) -> str:
@@ -266,15 +273,10 @@ def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, iden
     table = write_outputs(out, outcome, models, labels, cfg, manifest)
     checkpoint.remove(out)
     rep = manifest["screen"]
-    log(summary_text(table))
-    log(f"screen: {rep['screen_tokens']:,} sample tokens; {100 * (rep['certified_first_round'] or 0):.1f} % of "
-        f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
-        f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
-    if tokens_seen < cfg.tokens:
-        log(f"note: the data ran out: this run used {tokens_seen:,} of the {cfg.tokens:,} tokens asked for "
-            "(--tokens); run.json records both")
-    log(memory.summary_line(planned_peak, measured_peak))
-    log(f"wrote {out / 'neurons.parquet'} and {out / 'run.json'} (run id {ident['run_id']})")
+    line = (f"screen: {rep['screen_tokens']:,} sample tokens; {100 * (rep['certified_first_round'] or 0):.1f} % of "
+            f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
+            f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
+    _log_finished(table, cfg, out, ident["run_id"], tokens_seen, planned_peak, measured_peak, log, line)
     return out
 
 

@@ -104,6 +104,14 @@ def available_memory(device: torch.device) -> int:
     return 8 << 30
 
 
+def accumulator_budget(cfg: CorrelateConfig, device: torch.device, fixed: int) -> int:
+    """Bytes for accumulators: ``--memory-budget`` as given, else 90 % of the device's free memory less what the
+    caller holds beside them (``fixed``: W, one batch, workspaces)."""
+    if cfg.memory_budget_gb is not None:
+        return int(cfg.memory_budget_gb * 1e9)
+    return int(0.9 * available_memory(device)) - fixed
+
+
 def format_bytes(n: float) -> str:
     """1.23 GB, 45.6 MB, 32.8 kB: plans span toy models to 38.7 GB accumulators."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -119,10 +127,7 @@ def make_plan(cfg: CorrelateConfig, n_layers: list[int], d_mlp: list[int], devic
     within = sum(4 * n_layers[i] * d_mlp[i] ** 2 for i in within_models(cfg, len(n_layers)))
     # Finalize temporaries: the baseline's rotated-correlation chunk (the draws' GEMM, univ.baseline).
     fixed = within + batch_bytes + (CHUNK_BYTES if cfg.baseline != "none" else 0)
-    if cfg.memory_budget_gb is not None:
-        budget = int(cfg.memory_budget_gb * 1e9)
-    else:
-        budget = int(0.9 * available_memory(device)) - fixed
+    budget = accumulator_budget(cfg, device, fixed)
     plan = Plan([], d_mlp, n_layers, budget, fixed)
     current: list[Block] = []
     used = 0

@@ -28,7 +28,7 @@ from univ.errors import Interrupted, Refused
 from univ.run import certify, checkpoint, files
 from univ.run.config import CorrelateConfig
 from univ.run.finalize import block_cka, rotated_by_layer, rotated_by_layer_reverse
-from univ.run.plan import Plan, analysed_models, format_bytes, make_plan, pairs_for, rotated_models
+from univ.run.plan import Plan, accumulator_budget, analysed_models, format_bytes, make_plan, pairs_for, rotated_models
 from univ.run.state import RunState
 from univ.run.stream import ActivationError, StopFlag, forward_activations, process_batch, token_stream
 from univ.stats import ActivationStats
@@ -216,7 +216,7 @@ class ScreenRun:
     # -- verify -------------------------------------------------------------------------------------------
     def _plan_round(self) -> None:
         """Split the round's (pair, layer, rows) work into passes under the memory budget."""
-        budget = self._budget()
+        budget = accumulator_budget(self.cfg, self.device, 0)  # the first pass's W and columns count below
         passes: list[list[Item]] = [[]]
         used = self._first_pass_bytes() if self.c["round"] == 0 else 0
         for p, (_, m) in enumerate(self.pairs):
@@ -240,13 +240,6 @@ class ScreenRun:
         self.c["pass"] = 0
         self.c["verify_bytes"] = max(self.c.get("verify_bytes", 0), self.verify_bytes())
         self._start_pass()
-
-    def _budget(self) -> int:
-        from univ.run.plan import available_memory
-
-        if self.cfg.memory_budget_gb is not None:
-            return int(self.cfg.memory_budget_gb * 1e9)
-        return int(0.9 * available_memory(self.device))
 
     def _first_pass_bytes(self) -> int:
         w = sum(4 * self.n_layers[i] * self.d[i] ** 2 for i in self.rotated)
