@@ -118,3 +118,11 @@ def save_tiny_model(
     tok = tiny_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     tok.save_pretrained(path)
     return path
+
+
+def tiny_seeds_and_text(root: Path, seeds, chars: int, arch: str = "gpt2", **config_overrides: Any):
+    """Tiny models of ``arch``, one per seed, and a text file of the corpus's first ``chars`` characters."""
+    models = [save_tiny_model(root, arch, seed=s, **config_overrides) for s in seeds]
+    data = Path(root) / "text.txt"
+    data.write_text(corpus_text()[:chars])
+    return models, data

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers import corpus_text, save_tiny_model
+from helpers import tiny_seeds_and_text
 from test_sites import D_MODEL, write_sae
 
 from univ.correlate import CorrelateConfig
@@ -21,9 +21,7 @@ from univ.sites import load_sae
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
-    models = [save_tiny_model(root, "gpt2", seed=s) for s in (0, 1)]
-    data = root / "text.txt"
-    data.write_text(corpus_text()[:30_000])
+    models, data = tiny_seeds_and_text(root, (0, 1), 30_000)
     return root, models, data
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import corpus_text, save_tiny_model
+from helpers import corpus_text, save_tiny_model, tiny_seeds_and_text
 
 from univ import errors
 from univ.correlate import CorrelateConfig, run
@@ -28,9 +28,7 @@ QUIET = dict(progress=False, log=lambda *_: None)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runstate")
-    models = [save_tiny_model(root, "gpt2", seed=s) for s in (0, 1)]
-    data = root / "text.txt"
-    data.write_text(corpus_text()[:20_000])
+    models, data = tiny_seeds_and_text(root, (0, 1), 20_000)
     straight = run(cfg(models, data, root / "straight"), **QUIET)
     return models, data, {name: (straight / name).read_bytes() for name in TABLES}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import corpus_text, save_tiny_model, tiny_tokenizer
+from helpers import corpus_text, tiny_seeds_and_text, tiny_tokenizer
 
 from univ.errors import Refused, UserError
 from univ.run import certify
@@ -53,10 +53,7 @@ def assert_same_answer(e: pd.DataFrame, s: pd.DataFrame, tol: float = 1e-5) -> N
 def deep(tmp_path_factory):
     """Three 4-layer tiny GPT-2 seeds and a text file."""
     root = tmp_path_factory.mktemp("deep")
-    paths = [save_tiny_model(root, "gpt2", seed=s, n_layer=4) for s in range(3)]
-    data = root / "text.txt"
-    data.write_text(corpus_text()[:80_000])
-    return paths, data
+    return tiny_seeds_and_text(root, range(3), 80_000, n_layer=4)
 
 
 @pytest.mark.parametrize("mode", ["reference", "all-pairs"])
