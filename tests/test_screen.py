@@ -300,29 +300,37 @@ def test_bad_screen_options(deep, tmp_path):
 FAULT_KW = dict(method="screen", screen_tokens=300, tokens=900, checkpoint_every=200, baseline_draws=2)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(deep, tmp_path_factory):
-    """The reference table and the number of files an uninterrupted run writes."""
+@pytest.fixture(scope="module", params=[False, True], ids=["certified", "fallback"])
+def uninterrupted(request, deep, tmp_path_factory):
+    """(fallback?, the reference table, the number of files an uninterrupted run writes). With the window shut
+    (fallback) the run has a second verify round, and so a checkpoint between the rounds."""
     import univ.run.files as files
 
     paths, data = deep
     out = tmp_path_factory.mktemp("fault-ref") / "r"
     before = files._writes
-    run(_cfg(paths[:2], data, out, **FAULT_KW), progress=False, log=_quiet)
-    return pd.read_parquet(out / "neurons.parquet"), files._writes - before
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param:
+            mp.setattr(certify, "PROVISIONAL_Z", 0.0)
+        run(_cfg(paths[:2], data, out, **FAULT_KW), progress=False, log=_quiet)
+    rounds = json.loads((out / "run.json").read_text())["screen"]["rounds"]
+    assert rounds == (2 if request.param else 1)
+    return request.param, pd.read_parquet(out / "neurons.parquet"), files._writes - before
 
 
-@pytest.mark.parametrize("k", range(1, 12))
-def test_sigkill_after_any_write_then_resume(deep, uninterrupted, tmp_path, k):
+@pytest.mark.parametrize("k", range(1, 13))
+def test_sigkill_after_any_write_then_resume(deep, uninterrupted, tmp_path, monkeypatch, k):
     """Killed right after its k-th write (every write of the run in turn): a rerun with --resume (or, when the
     kill came after run.json, nothing) ends with the uninterrupted table."""
     from test_reshard import _killed_single
 
     from univ.run import checkpoint
 
-    want, n_writes = uninterrupted
+    fallback, want, n_writes = uninterrupted
     if k > n_writes:
         pytest.skip(f"the run writes {n_writes} files")
+    if fallback:  # the forked child inherits it, and so does the resume
+        monkeypatch.setattr(certify, "PROVISIONAL_Z", 0.0)
     paths, data = deep
     out = tmp_path / "r"
     cfg = _cfg(paths[:2], data, out, **FAULT_KW)
