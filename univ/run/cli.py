@@ -91,7 +91,8 @@ def register(subparsers) -> None:
                    help="exact: every neuron pair's co-moment (N² accumulators); screen: estimate them on a sample of "
                         "the stream, then compute exactly only the layers that can hold each neuron's best partner, "
                         "with a certificate and an exact fallback (the same answer; see README); auto (default): "
-                        "exact when its accumulators fit in one pass, screen otherwise")
+                        "exact when its accumulators fit in one pass (under torchrun: over the ranks), screen "
+                        "otherwise; under torchrun the screen's ranks split the neurons")
     p.add_argument("--screen-tokens", type=int, default=None, metavar="N",
                    help="screen sample size, spread evenly over the stream (default: 1/50 of --tokens, at least "
                         "200,000)")

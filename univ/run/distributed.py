@@ -4,7 +4,8 @@
 
 The flow: plan (``univ.run.shard_plan``: block groups × token shards, the cost model) → execute (this module,
 streaming through ``univ.run.stream``) → merge (``univ.run.merge``: the collectives) → finalize
-(``univ.run.finalize``) → outputs (``univ.run.outputs``).
+(``univ.run.finalize``) → outputs (``univ.run.outputs``). ``--method screen`` (or auto, when the exact plan needs
+more than one pass) branches after the models load to ``univ.run.screen_ranks``, on the same runtime.
 """
 from __future__ import annotations
 
@@ -95,9 +96,6 @@ def run(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = 
 
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite discards it: pass one of them")
-    if cfg.method == "screen":
-        raise UserError("--method screen runs in one process: run it without torchrun, or use --method exact "
-                        "(auto is exact under torchrun)")
     _refuse_screen_checkpoint(cfg, overwrite)
     device, created = _init(cfg)
     try:
@@ -129,8 +127,8 @@ def _refuse_screen_checkpoint(cfg, overwrite: bool) -> None:
     except Exception:  # an unreadable checkpoint is refused later, with the reason
         return
     if method == "screen":
-        raise Refused(f"{file} is a checkpoint of a --method screen run, which resumes in one process: rerun the "
-                      "command without torchrun (with --resume), or pass --overwrite to start again")
+        raise Refused(f"{file} is a checkpoint of a one-process --method screen run, which resumes in one process: "
+                      "rerun the command without torchrun (with --resume), or pass --overwrite to start again")
 
 
 def _any(flag: bool, device: torch.device) -> bool:
@@ -217,8 +215,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
     from univ.run.folder import OutLock, open_folder
     from univ.run.inputs import load_models
     from univ.run.outputs import build_manifest, summary_text, write_outputs
-    from univ.run.plan import Block, Plan, accumulator_budget, pairs_for, rotated_models
-    from univ.run.state import RunState
+    from univ.run.plan import Plan, accumulator_budget, pairs_for, rotated_models
     from univ.run.stream import process_batch, token_stream
     from univ_kernels.streaming import default_operand_dtype
 
@@ -238,10 +235,21 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             _together(lambda: None)
         _any(False, comm)  # sync: rank 0's removals (--overwrite, stale temps) happen before anyone looks
         manifest = _together(_prepare, out, ddir, rank=rank, resume=resume, overwrite=overwrite, log=log)
+        screened = manifest is not None and manifest.get("method") == "screen"
+        if screened and manifest["world"] != world:
+            raise Refused(f"--resume: the checkpoint in {out} is of a --method screen run on {manifest['world']} "
+                          f"ranks, which resumes on {manifest['world']} ranks (each holds its own rows): rerun with "
+                          f"torchrun --nproc-per-node {manifest['world']}, or pass --overwrite to start again")
         # The same world and token shards: each rank reads back its own unit (bitwise the same run). Any other
         # checkpoint (one process, another world size or --token-shards) is re-sharded from its snapshot.
         same_layout = manifest is not None and not manifest.get("single") and manifest["world"] == world and \
             cfg.token_shards in (None, manifest["token_shards"])
+        if screened and cfg.method == "exact":
+            raise Refused(f"--resume: the checkpoint in {out} is of --method screen, not exact; resume with --method "
+                          "screen (or auto), or pass --overwrite to start again")
+        if manifest is not None and not screened and cfg.method == "screen":
+            raise Refused(f"--resume: the checkpoint in {out} is of --method exact, not screen; resume with --method "
+                          "exact (or auto), or pass --overwrite to start again")
         snap = _together(reshard.read_snapshot, out) if manifest is not None and not same_layout else None
 
         models = _together(load_models, cfg, device)
@@ -279,6 +287,14 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
             t = torch.tensor([budget], dtype=torch.int64, device=comm)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             budget = int(t.item())
+        if screened or (manifest is None and _screen_chosen(cfg, units, world, budget, within, reverse, log)):
+            from univ.run import screen_ranks
+
+            job = screen_ranks.Job(rank=rank, world=world, device=device, comm=comm, out=out, ddir=ddir,
+                                   models=models, labels=labels, ident=ident, operand_dtype=operand_dtype,
+                                   batch_bytes=batch_bytes, budget=budget, manifest=manifest, meter=meter,
+                                   started=started, progress=progress, log=log)
+            return screen_ranks.run(cfg, job)
         if snap is not None:  # the checkpoint's passes, split over this world
             k = cfg.token_shards or 1
             old = Plan.from_dict(snap.plan, d_mlp, n_layers, batch_bytes)
@@ -302,13 +318,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         root = plan.shard_of(rank) == 0
         groups = [dist.new_group(plan.group_ranks(i)) for i in range(len(plan.groups))] if k > 1 else None
         sub = groups[g] if groups else None
-
-        passes = [[Block(**b.__dict__) for grp in plan.groups for b in grp.blocks(p)] for p in range(plan.n_passes)]
-        mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
-        run_plan = Plan(passes, d_mlp, n_layers, budget, batch_bytes)
-        state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
-        keep = set(gp.within) | ({i for b in mine for i in (b.a, b.m)} if cfg.layer_similarity else set())
-        state.within = {i: w for i, w in state.within.items() if i in keep}  # the W this group rotates (+ CKA's)
+        run_plan, state, mine = group_state(plan, g, models, device, cfg, batch_bytes)
         # Each analysed model's activation statistics come from one group (every batch once: its token shards),
         # the first that forwards the model, in that pass; rank 0 merges them after the last pass.
         owners = stats_owners(plan, list(state.act_stats))
@@ -430,6 +440,42 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
     return out
 
 
+def _screen_chosen(cfg, units, world: int, budget: int, within, reverse: bool, log) -> bool:
+    """--method auto across ranks: exact when its accumulators fit the ranks in one pass, screen otherwise."""
+    from univ.run.plan import PlanError
+
+    if cfg.method != "auto":
+        return cfg.method == "screen"
+    try:
+        passes = make_shard_plan(units, world=world, token_shards=cfg.token_shards or 1, budget_bytes=budget,
+                                 within=within, reverse=reverse).n_passes
+    except PlanError:
+        passes = None
+    if passes == 1:
+        log(f"method: auto → exact (every co-moment fits in one pass over {world} ranks)")
+        return False
+    why = f"need {passes} passes over the tokens" if passes else "do not fit"
+    log(f"method: auto → screen (the exact accumulators {why} on {world} ranks; --method exact to insist)")
+    return True
+
+
+def group_state(plan: ShardPlan, g: int, models, device: torch.device, cfg, batch_bytes: int):
+    """(the run's Plan of every group's blocks, the RunState of group g's share, its blocks): the blocks it
+    accumulates, and W only of the models it rotates (and, for the layer CKA, of its blocks' models)."""
+    from univ.run.plan import Block, Plan
+    from univ.run.state import RunState
+
+    gp = plan.groups[g]
+    n_layers, d_mlp = [lm.n_layers for lm in models], [lm.d_mlp for lm in models]
+    passes = [[Block(**b.__dict__) for grp in plan.groups for b in grp.blocks(p)] for p in range(plan.n_passes)]
+    mine = {Block(**b.__dict__) for p in range(plan.n_passes) for b in gp.blocks(p)}
+    run_plan = Plan(passes, d_mlp, n_layers, plan.budget_bytes, batch_bytes)
+    state = RunState(run_plan, models, device, cfg, owns=lambda b: b in mine)
+    keep = set(gp.within) | ({i for b in mine for i in (b.a, b.m)} if cfg.layer_similarity else set())
+    state.within = {i: w for i, w in state.within.items() if i in keep}
+    return run_plan, state, mine
+
+
 def _bcast(obj):
     import torch.distributed as dist
 
@@ -459,10 +505,9 @@ def _unit_path(ddir: Path, generation: int, rank: int) -> Path:
 
 
 def _checkpoint(ddir: Path, state, cfg, plan: ShardPlan, ident: dict, rank: int, comm) -> None:
-    """Write this rank's unit of the next generation; once every rank has, rank 0 points the manifest at it; then
-    the previous generation goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
+    """Write this rank's unit of the exact run's next generation, then commit the generation."""
     from univ import __version__
-    from univ.run import checkpoint, files
+    from univ.run import files
 
     state.generation += 1
     g = state.generation
@@ -470,13 +515,21 @@ def _checkpoint(ddir: Path, state, cfg, plan: ShardPlan, ident: dict, rank: int,
             "world": plan.world, "plan": state.plan.to_dict(), "counters": state.counters(),
             "univ_version": __version__}
     files.write_tensors(_unit_path(ddir, g, rank), state.named(), meta)
+    commit_generation(ddir, g, rank, plan.world, comm, {
+        "run_id": ident["run_id"], "token_shards": plan.token_shards, "budget_bytes": plan.budget_bytes,
+        "pass_index": state.pass_index, "tokens_done": state.tokens_done, "fingerprint": ident["fingerprint"]})
+
+
+def commit_generation(ddir: Path, g: int, rank: int, world: int, comm, manifest: dict) -> None:
+    """After this rank wrote its unit of generation g: once every rank has, rank 0 points the manifest at g; then
+    generation g − 1 goes. A crash anywhere leaves the manifest naming a generation whose units all exist."""
+    from univ.run import checkpoint, files
+
     _any(False, comm)  # sync: every rank's unit of this generation is on disk
     if rank == 0:
-        files.write_json(ddir / MANIFEST, {
-            "generation": g, "run_id": ident["run_id"], "world": plan.world, "token_shards": plan.token_shards,
-            "budget_bytes": plan.budget_bytes, "pass_index": state.pass_index, "tokens_done": state.tokens_done,
-            "fingerprint": ident["fingerprint"], "units": [str(_unit_path(ddir, g, r).relative_to(ddir))
-                                                           for r in range(plan.world)]})
+        files.write_json(ddir / MANIFEST, {"generation": g, "world": world, **manifest,
+                                           "units": [str(_unit_path(ddir, g, r).relative_to(ddir))
+                                                     for r in range(world)]})
     _any(False, comm)  # sync: the manifest names this generation before any rank drops the previous one
     _unit_path(ddir, g - 1, rank).unlink(missing_ok=True)
     if rank == 0:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from univ.errors import Interrupted, Refused, UserError
-from univ.run import checkpoint, files, identity, memory, reshard, stream
+from univ.run import checkpoint, identity, memory, reshard, stream
 from univ.run.checkpoint import next_checkpoint
 from univ.run.config import CorrelateConfig, model_labels, resolve_device
 from univ.run.finalize import finalize_pass
@@ -69,7 +68,12 @@ def _resume_source(out: Path, *, resume: bool, overwrite: bool, log) -> dict | N
     if overwrite:
         shutil.rmtree(out / reshard.DIST_DIR, ignore_errors=True)
     elif reshard.newest_source(out) == "ranks":
-        world = reshard.distributed_manifest(out).get("world", "?")
+        dist_manifest = reshard.distributed_manifest(out)
+        world = dist_manifest.get("world", "?")
+        if dist_manifest.get("method") == "screen":
+            raise Refused(f"{out} holds an unfinished --method screen run of {world} ranks, which resumes on {world} "
+                          f"ranks (each holds its own rows): rerun under torchrun --nproc-per-node {world} with "
+                          "--resume, or pass --overwrite to start again here")
         if not resume:
             raise Refused(f"{out} holds an unfinished run (a checkpoint of {world} ranks): pass --resume to continue "
                           "it, in this process or any number of ranks, --overwrite to discard it, or choose another "
@@ -209,11 +213,11 @@ def _run(cfg: CorrelateConfig, out: Path, meta: dict | None, device: torch.devic
         manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak)
         table = write_outputs(out, state, models, labels, cfg, manifest)
         checkpoint.remove(out)
-    _log_finished(table, cfg, out, ident["run_id"], tokens_seen, planned_peak, measured_peak, log)
+    log_finished(table, cfg, out, ident["run_id"], tokens_seen, planned_peak, measured_peak, log)
     return out
 
 
-def _log_finished(table, cfg: CorrelateConfig, out: Path, run_id: str, tokens_seen: int, planned_peak: int,
+def log_finished(table, cfg: CorrelateConfig, out: Path, run_id: str, tokens_seen: int, planned_peak: int,
                   measured_peak: int, log, method_line: str | None = None) -> None:
     """The end of a run on the terminal, for either method: the table's summary, memory, tokens, where it went."""
     log(summary_text(table))
@@ -251,32 +255,21 @@ def _resolve_method(cfg: CorrelateConfig, meta: dict | None, n_layers, d_mlp, de
 
 def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident, labels, meter, started, *,
                 progress: bool, log) -> Path:
-    from univ.run.screen_stages import run_screened
+    from univ.run.screen_stages import run_screened, screen_outputs
 
-    outcome, plan, srun, timings, tokens_seen = run_screened(cfg, out, meta, models, device, operand_dtype,
-                                                             batch_bytes, ident, progress=progress, log=log)
-    manifest = build_manifest(cfg, outcome, plan, models, labels, tokens_seen=tokens_seen, device=device,
-                              operand_dtype=operand_dtype, timings=timings, wall_s=time.time() - started,
-                              run_id=ident["run_id"], fingerprint=ident["fingerprint"])
-    manifest["method"] = "screen"
-    manifest["screen"] = srun.report()
-    measured_peak = meter.measured_peak()
+    srun, timings = run_screened(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident,
+                                 progress=progress, log=log)
+    plan = Plan.from_dict(srun.c["screen_plan"], srun.d, srun.n_layers, batch_bytes)
     forward = memory.forward_bytes(models, cfg.batch_size, cfg.ctx)
-    screen_peak = memory.run_bytes(plan, replace(cfg, tokens=srun.screen_tokens), models)
+    screen_peak = memory.run_bytes(plan, srun.screen_cfg(), models)
     planned_peak = meter.planned_peak(max(screen_peak, srun.c.get("verify_bytes", 0) + forward))
-    manifest["memory"].update(planned_peak_bytes=planned_peak, measured_peak_bytes=measured_peak,
-                              screen_stage_bytes=screen_peak, verify_stage_bytes=srun.c.get("verify_bytes"))
-    if cfg.save_state:  # the sample's and the verified maxima, margins and masks, for re-analysis
-        files.write_tensors(out / "state" / "screen.safetensors", {k: v.detach().contiguous().cpu()
-                                                                   for k, v in srun.t.items()},
-                            {"kind": "univ.correlate.screen-state", "run_id": ident["run_id"]})
-    table = write_outputs(out, outcome, models, labels, cfg, manifest)
+    measured_peak = meter.measured_peak()
+    table, line = screen_outputs(cfg, out, srun, models, labels, device=device, operand_dtype=operand_dtype,
+                                 timings=timings, wall_s=time.time() - started, ident=ident, batch_bytes=batch_bytes,
+                                 memory={"planned_peak_bytes": planned_peak, "measured_peak_bytes": measured_peak,
+                                         "screen_stage_bytes": screen_peak})
     checkpoint.remove(out)
-    rep = manifest["screen"]
-    line = (f"screen: {rep['screen_tokens']:,} sample tokens; {100 * (rep['certified_first_round'] or 0):.1f} % of "
-            f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
-            f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
-    _log_finished(table, cfg, out, ident["run_id"], tokens_seen, planned_peak, measured_peak, log, line)
+    log_finished(table, cfg, out, ident["run_id"], srun.c["tokens_seen"], planned_peak, measured_peak, log, line)
     return out
 
 

@@ -11,9 +11,12 @@
 
 Memory: one screen block plus O(N·L·K) maxima, then the verified rows' layers; nothing N² over T. The
 answer (max_corr, argmax, baseline) is the exhaustive method's; the histogram and layer CKA are the
-screen's (run.json says so). One process (torchrun: ``--method exact``). A checkpoint is written at the end
-of the screen, after every verify pass, every ``--checkpoint-every`` tokens and on SIGINT/SIGTERM; a kill
-in the screen restarts the screen.
+screen's (run.json says so). A checkpoint is written at the end of the screen, after every verify pass,
+every ``--checkpoint-every`` tokens and on SIGINT/SIGTERM; a kill in the screen restarts the screen.
+
+Across ranks (``univ.run.screen_ranks``) the screen's blocks are split as the exact engine splits them and
+its maxima are then reduced, so every rank holds the whole screen; the verify stage gives each rank whole
+layers of rows (``own.<p>``: the owner of each row layer), so a row's certificate never needs another rank.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from univ.run.config import CorrelateConfig
 from univ.run.finalize import block_cka, rotated_by_layer, rotated_by_layer_reverse
 from univ.run.plan import Plan, accumulator_budget, analysed_models, format_bytes, make_plan, pairs_for, rotated_models
 from univ.run.state import RunState
-from univ.run.stream import ActivationError, StopFlag, forward_activations, process_batch, token_stream
+from univ.run.stream import ActivationError, forward_activations, process_batch, token_stream
 from univ.stats import ActivationStats
 from univ_kernels import ColumnMoments, correlation_summary, select_columns, update_pair
 from univ_kernels.comoment import symmetrize_upper
@@ -63,8 +66,10 @@ class Item:
 class ScreenRun:
     """The screen method's whole state: sample maxima, verified maxima, the current verify pass's accumulators."""
 
-    def __init__(self, cfg: CorrelateConfig, models, device: torch.device, operand_dtype: torch.dtype):
+    def __init__(self, cfg: CorrelateConfig, models, device: torch.device, operand_dtype: torch.dtype,
+                 rank: int = 0, world: int = 1):
         self.cfg, self.models, self.device, self.operand_dtype = cfg, models, device, operand_dtype
+        self.rank, self.world = rank, world
         self.n_layers = [lm.n_layers for lm in models]
         self.d = [lm.d_mlp for lm in models]
         self.pairs = directed_pairs(cfg.mode, len(models))
@@ -76,7 +81,8 @@ class ScreenRun:
         self.t: dict[str, torch.Tensor] = {}  # every tensor of the state by name (the checkpoint)
         self.c: dict = {"stage": "screen", "round": 0, "pass": 0, "items": [], "batches_done": 0,
                         "tokens_done": 0, "tokens_seen": 0, "screen_kept": 0, "screen_passes": 0,
-                        "flops_screen": 0, "flops_verify": 0, "certified_first": None, "fallback_rows": 0}
+                        "flops_screen": 0, "flops_verify": 0, "certified_first": None, "fallback_rows": 0,
+                        "first_alive": 0, "first_fallback": 0}
         self.generation = 0
         self.moments: list[ColumnMoments] = []
         # the analysed models' activation statistics, gathered in the first verify pass (every token)
@@ -90,6 +96,13 @@ class ScreenRun:
 
     def layers_of(self, p: int) -> int:
         return self.n_layers[self.pairs[p][1]]
+
+    def own_rows(self, p: int) -> torch.Tensor:
+        """[n] bool: the rows of pair p this process verifies (all of them in one process)."""
+        owner = self.t.get(f"own.{p}")
+        if owner is None:
+            return torch.ones(self.n_rows(p), dtype=torch.bool)
+        return owner.repeat_interleave(self.d[self.pairs[p][0]]) == self.rank
 
     def rows_needing(self, p: int, layer: int) -> torch.Tensor:
         """The rows of pair p that this round verifies against layer ``layer`` (cached for the round)."""
@@ -131,11 +144,19 @@ class ScreenRun:
                 kept += batch.n_kept
                 yield batch
 
-    def run_screen(self, batch_bytes: int, timings: dict, flag: StopFlag, progress) -> Plan:
-        """The exact engine over the sample, one plan pass at a time, reduced to per-layer maxima."""
-        cfg_s = replace(self.cfg, tokens=self.screen_tokens, activation_stats=False)
-        plan = make_plan(cfg_s, self.n_layers, self.d, self.device, batch_bytes)
-        state = RunState(plan, self.models, self.device, cfg_s)
+    def screen_cfg(self) -> CorrelateConfig:
+        """The exact engine's options for the sample: S tokens, no statistics (those come from every token)."""
+        return replace(self.cfg, tokens=self.screen_tokens, activation_stats=False)
+
+    def screen_plan(self, batch_bytes: int) -> Plan:
+        return make_plan(self.screen_cfg(), self.n_layers, self.d, self.device, batch_bytes)
+
+    def run_screen(self, state: RunState, timings: dict, progress, stop, active=None) -> None:
+        """The exact engine (``state``: the sample's plan, whole or this rank's share of its blocks) over the
+        sample, one plan pass at a time, reduced to per-layer maxima. ``stop()`` names a signal to stop for
+        (checked after every batch); ``active(p)`` the models pass p forwards here."""
+        cfg_s = self.screen_cfg()
+        active = active or (lambda p: state.active_models())
         for p, (_, m) in enumerate(self.pairs):
             self.t[f"sc_max.{p}"] = torch.full((self.n_rows(p), self.n_layers[m]), float("-inf"))
             if self.rotated:
@@ -143,28 +164,31 @@ class ScreenRun:
         for a, m in pairs_for(self.cfg.mode, len(self.models)):
             self.t[f"hist.{a}.{m}"] = torch.zeros(self.cfg.bins, dtype=torch.int64)
         while not state.finished:
+            forwarded = active(state.pass_index)
             for batch in self.screen_batches(self.models[0].tokenizer):
-                process_batch(state, self.models, batch.input_ids, batch.keep, cfg_s, self.operand_dtype, timings,
-                              active=state.active_models())
+                if forwarded:
+                    process_batch(state, self.models, batch.input_ids, batch.keep, cfg_s, self.operand_dtype,
+                                  timings, active=forwarded)
                 state.tokens_done += batch.n_kept
                 progress(batch.n_kept)
-                if flag.stop:
-                    raise Interrupted(f"interrupted by {flag.signal_name} in the screen (pass {state.pass_index + 1} "
-                                      "of its plan); no checkpoint is kept inside the screen: --resume (or the same "
+                why = stop()
+                if why:
+                    raise Interrupted(f"interrupted by {why} in the screen (pass {state.pass_index + 1} of its "
+                                      "plan); no checkpoint is kept inside the screen: --resume (or the same "
                                       "command with --overwrite) starts it again")
             self.c["screen_kept"] = state.tokens_done
             self.c["flops_screen"] += 2 * state.tokens_done * sum(c.numel() for c in state.blocks.values())
             if state.pass_index == 0:
                 self.c["flops_screen"] += state.tokens_done * sum(w.numel() for w in state.within.values())
-                for i, mom in enumerate(state.moments):
+            for i, mom in enumerate(state.moments):  # constant on the sample: from the first pass that forwards it
+                if mom.n > 0 and f"screen_dead.{i}" not in self.t:
                     self.t[f"screen_dead.{i}"] = mom.dead.cpu()
             self._reduce_screen_pass(state)
             state.start_pass(state.pass_index + 1)
         for (a, m), k in state.cka.items():
             self.t[f"cka.{a}.{m}"] = k
-        self.c["screen_passes"] = len(plan.passes)
-        self._start_verify()
-        return plan
+        self.c["screen_passes"] = len(state.plan.passes)
+        self.c["screen_plan"] = state.plan.to_dict()
 
     def _reduce_screen_pass(self, state: RunState) -> None:
         cfg, index = self.cfg, {pr: i for i, pr in enumerate(self.pairs)}
@@ -195,13 +219,17 @@ class ScreenRun:
                 for la, r in rotated_by_layer_reverse(state, b, c, ma.offset()[rows], cfg):
                     self.t[f"sc_rot.{rev}"][:, :, la] = r.cpu()
 
-    def _start_verify(self) -> None:
-        """Round 0's layers per row, the screen-dead columns, and empty verified maxima."""
+    def start_verify(self) -> None:
+        """Round 0's layers per row, who verifies which row layers, the screen-dead columns, empty verified
+        maxima. Every rank holds the same screen here, so every rank computes the same split."""
         delta = certify.provisional_delta(self.c["screen_kept"])
+        for p in range(len(self.pairs)):
+            self.t[f"todo.{p}"] = certify.select_layers(self.t[f"sc_max.{p}"], self.t.get(f"sc_rot.{p}"), delta)
+        if self.world > 1:
+            self._split_rows()
         for p, (_a, m) in enumerate(self.pairs):
             n, L = self.n_rows(p), self.n_layers[m]
-            rot = self.t.get(f"sc_rot.{p}")
-            self.t[f"todo.{p}"] = certify.select_layers(self.t[f"sc_max.{p}"], rot, delta)
+            self.t[f"todo.{p}"] &= self.own_rows(p)[:, None]
             self.t[f"done.{p}"] = torch.zeros((n, L), dtype=torch.bool)
             self.t[f"ex_max.{p}"] = torch.full((n, L), float("nan"))
             self.t[f"ex_arg.{p}"] = torch.full((n, L), -1, dtype=torch.int64)
@@ -212,6 +240,22 @@ class ScreenRun:
             self.t[f"extra_arg.{p}"] = torch.full((n,), -1, dtype=torch.int64)
         self.c.update(stage="verify", round=0, delta=delta)
         self._plan_round()
+
+    def _split_rows(self) -> None:
+        """``own.<p>``: each row layer of each pair to one rank, largest verify work first to the least loaded
+        (work: the row × layer segments the first round verifies, times their width)."""
+        loads = [0] * self.world
+        owner = {p: torch.zeros(self.n_layers[a], dtype=torch.int64) for p, (a, _) in enumerate(self.pairs)}
+        work = []
+        for p, (a, m) in enumerate(self.pairs):
+            per_layer = self.t[f"todo.{p}"].sum(1).view(self.n_layers[a], self.d[a]).sum(1)
+            work += [(-(int(w) + 1) * self.d[m], p, la) for la, w in enumerate(per_layer.tolist())]
+        for w, p, la in sorted(work):
+            r = min(range(self.world), key=lambda i: (loads[i], i))
+            owner[p][la] = r
+            loads[r] -= w
+        for p, o in owner.items():
+            self.t[f"own.{p}"] = o
 
     # -- verify -------------------------------------------------------------------------------------------
     def _plan_round(self) -> None:
@@ -243,7 +287,7 @@ class ScreenRun:
 
     def _first_pass_bytes(self) -> int:
         w = sum(4 * self.n_layers[i] * self.d[i] ** 2 for i in self.rotated)
-        extra = sum(4 * self.n_rows(p) * len(self.t[f"extra_cols.{p}"]) for p in range(len(self.pairs)))
+        extra = sum(4 * int(self.own_rows(p).sum()) * len(self.t[f"extra_cols.{p}"]) for p in range(len(self.pairs)))
         return w + extra
 
     def items(self) -> list[Item]:
@@ -268,8 +312,9 @@ class ScreenRun:
                 self.t[f"within.{i}"] = torch.zeros((self.n_layers[i], self.d[i], self.d[i]), device=self.device)
             for p in range(len(self.pairs)):
                 n_x = len(self.t[f"extra_cols.{p}"])
-                if n_x:
-                    self.t[f"extra_c.{p}"] = torch.zeros((self.n_rows(p), n_x), device=self.device)
+                n_own = int(self.own_rows(p).sum())
+                if n_x and n_own:
+                    self.t[f"extra_c.{p}"] = torch.zeros((n_own, n_x), device=self.device)
 
     def active(self) -> set[int]:
         if self.first_pass:
@@ -295,8 +340,8 @@ class ScreenRun:
             a, m = self.pairs[it.p]
             rows = self.rows_needing(it.p, it.layer)[it.r0:it.r1]
             cols = slice(it.layer * self.d[m], (it.layer + 1) * self.d[m])
-            side = prepped[a] if len(rows) == self.n_rows(it.p) else select_columns(prepped[a], rows)  # no copy
-            update_pair(self.t[f"seg.{it.p}.{it.layer}.{it.r0}"], side, prepped[m], cols=cols, **kw)
+            update_pair(self.t[f"seg.{it.p}.{it.layer}.{it.r0}"], self._gather(prepped[a], it.p, rows), prepped[m],
+                        cols=cols, **kw)
         if self.first_pass:
             for i in self.rotated:
                 for layer in range(self.n_layers[i]):
@@ -305,8 +350,9 @@ class ScreenRun:
                                 symmetric=True, **kw)
             for p, (a, m) in enumerate(self.pairs):
                 if f"extra_c.{p}" in self.t:
-                    update_pair(self.t[f"extra_c.{p}"], prepped[a], select_columns(prepped[m],
-                                                                                   self.t[f"extra_cols.{p}"]), **kw)
+                    rows = self.own_rows(p).nonzero().flatten()
+                    update_pair(self.t[f"extra_c.{p}"], self._gather(prepped[a], p, rows),
+                                select_columns(prepped[m], self.t[f"extra_cols.{p}"]), **kw)
         for mom, p in zip(self.moments, prepped, strict=True):
             if p is not None:
                 mom.commit(p)
@@ -318,6 +364,10 @@ class ScreenRun:
         self.c["batches_done"] += 1
         self.c["tokens_done"] += n
         return n
+
+    def _gather(self, prepped, p: int, rows: torch.Tensor):
+        """The rows' columns of a prepared batch: the batch itself when they are all of them (no copy)."""
+        return prepped if len(rows) == self.n_rows(p) else select_columns(prepped, rows)
 
     def finish_pass(self) -> None:
         """Reduce the pass's accumulators to verified maxima; on the first pass keep the moments, W, stats."""
@@ -354,11 +404,12 @@ class ScreenRun:
                 c = self.t.pop(f"extra_c.{p}", None)
                 if c is None:
                     continue
-                cols = self.t[f"extra_cols.{p}"]
-                s = correlation_summary(c, torch.zeros(c.shape[0]), torch.zeros(c.shape[1]), inv[a], inv[m][cols],
-                                        backend=self.cfg.backend, outputs={"argmax_a"})
-                self.t[f"extra_max.{p}"] = s.max_a.cpu()
-                self.t[f"extra_arg.{p}"] = torch.where(s.argmax_a.cpu() >= 0, cols[s.argmax_a.cpu().clamp(min=0)], -1)
+                cols, rows = self.t[f"extra_cols.{p}"], self.own_rows(p).nonzero().flatten()
+                s = correlation_summary(c, torch.zeros(c.shape[0]), torch.zeros(c.shape[1]), inv[a][rows],
+                                        inv[m][cols], backend=self.cfg.backend, outputs={"argmax_a"})
+                self.t[f"extra_max.{p}"][rows] = s.max_a.cpu()
+                self.t[f"extra_arg.{p}"][rows] = torch.where(s.argmax_a.cpu() >= 0,
+                                                             cols[s.argmax_a.cpu().clamp(min=0)], -1)
                 self.c["flops_verify"] += 2 * t_tok * c.numel()
         self.c["pass"] += 1
         self.c["verify_passes"] = self.c.get("verify_passes", 0) + 1
@@ -387,8 +438,9 @@ class ScreenRun:
             needs[p] = need
             n_fallback += int(need.any(1).sum())
         if self.c["round"] == 0:
-            alive = sum(int((~self._final_moments(a).dead).sum()) for a, _ in self.pairs)
-            self.c["certified_first"] = 1 - n_fallback / max(alive, 1)
+            alive = sum(int((~self._final_moments(a).dead.cpu() & self.own_rows(p)).sum())
+                        for p, (a, _) in enumerate(self.pairs))
+            self.c.update(first_alive=alive, first_fallback=n_fallback, certified_first=1 - n_fallback / max(alive, 1))
         self.c["fallback_rows"] += n_fallback
         if n_fallback == 0:
             self.c["stage"] = "done"
@@ -412,7 +464,7 @@ class ScreenRun:
         self.t[f"margin.{p}"] = margin.float()
         best, _ = self.result(p)[:2]
         base = certify.best_rotated(done, ex_rot) if ex_rot is not None else None
-        alive = ~self._final_moments(a).dead.cpu()
+        alive = ~self._final_moments(a).dead.cpu() & self.own_rows(p)
         return certify.uncertified(done, alive, self.t[f"sc_max.{p}"], sc_rot, best, base, margin)
 
     def result(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -425,8 +477,9 @@ class ScreenRun:
     # -- checkpoint ---------------------------------------------------------------------------------------
     ACCUMULATORS = ("seg.", "within.", "extra_c.")
 
-    def write_checkpoint(self, out, ident: dict) -> None:
-        """The whole state as the run's next checkpoint generation (one atomic file, as the exact method's)."""
+    def write_checkpoint(self, path, ident: dict, **meta_extra) -> None:
+        """The whole state as the run's next checkpoint generation (one atomic file, as the exact method's; under
+        torchrun one per rank, ``meta_extra`` naming the rank)."""
         self.generation += 1
         named = dict(self.t)
         for i, mom in enumerate(self.moments):
@@ -437,17 +490,17 @@ class ScreenRun:
                     "stats_n": {str(i): st.counters() for i, st in self.act_stats.items()}}
         meta = {"kind": checkpoint.KIND, "version": checkpoint.VERSION, "method": "screen", "run_id": ident["run_id"],
                 "generation": self.generation, "fingerprint": ident["fingerprint"], "counters": counters,
-                "univ_version": __version__}
-        files.write_tensors(checkpoint.path(out), {k: v.detach().contiguous().cpu() for k, v in named.items()}, meta)
+                "univ_version": __version__, **meta_extra}
+        files.write_tensors(path, {k: v.detach().contiguous().cpu() for k, v in named.items()}, meta)
 
-    def load_checkpoint(self, out, meta: dict) -> None:
+    def load_checkpoint(self, path, meta: dict) -> None:
         """Take over a screen checkpoint (its stage, round, pass and batch); Refused if it does not fit this run."""
         c = meta.get("counters", {})
         self.generation = meta.get("generation", 0)
-        if c.get("stage") != "verify":  # killed in the screen: it starts again
+        if c.get("stage") not in ("verify", "done"):  # killed in the screen: it starts again
             return
         try:
-            tensors, _ = read_tensors(checkpoint.path(out))
+            tensors, _ = read_tensors(path)
         except StateFileError as e:
             raise Refused(f"checkpoint unusable: {e}; start again with --overwrite") from e
         try:
@@ -469,11 +522,12 @@ class ScreenRun:
                 if self.t[f"done.{p}"].shape != (self.n_rows(p), self.layers_of(p)):
                     raise ValueError(f"done.{p} does not match the models' neurons")
             held = sorted({m.n for i, m in enumerate(self.moments) if i in self.active()})
-            if held != [self.c["tokens_done"]] or not 0 <= self.c["batches_done"] <= self.c["tokens_done"]:
+            counted = 0 <= self.c["batches_done"] <= self.c["tokens_done"]
+            if self.c["stage"] == "verify" and held != [self.c["tokens_done"]] or not counted:
                 raise ValueError(f"counters: tokens_done {self.c['tokens_done']}, batches_done "
                                  f"{self.c['batches_done']}, but the moments hold {held} tokens")
         except (KeyError, ValueError, IndexError, TypeError) as e:
-            raise Refused(f"checkpoint unusable: {checkpoint.path(out)} does not hold a screen run's state for "
+            raise Refused(f"checkpoint unusable: {path} does not hold a screen run's state for "
                           f"these models and options ({e}); start again with --overwrite") from e
 
     # -- summary ------------------------------------------------------------------------------------------
@@ -487,6 +541,7 @@ class ScreenRun:
     def report(self) -> dict:
         """run.json's ``screen``: what was sampled, verified and certified, and the work against exhaustive."""
         layers = [float(self.t[f"done.{p}"].sum(1).float().mean()) for p in range(len(self.pairs))]
+        margins = [self.t[f"margin.{p}"][self.own_rows(p)] for p in range(len(self.pairs))]
         done = self.c["flops_screen"] + self.c["flops_verify"]
         return {
             "screen_tokens": self.c["screen_kept"], "screen_tokens_requested": self.screen_tokens,
@@ -496,7 +551,7 @@ class ScreenRun:
             "certified_first_round": self.c["certified_first"], "fallback_rows": self.c["fallback_rows"],
             "verified_layers_per_row": {f"{a}->{m}": round(v, 3) for (a, m), v in zip(self.pairs, layers,
                                                                                        strict=True)},
-            "margin_max": max(float(self.t[f"margin.{p}"].max()) for p in range(len(self.pairs))),
+            "margin_max": max((float(m.max()) for m in margins if len(m)), default=None),
             "flops": {"screen": self.c["flops_screen"], "verify": self.c["flops_verify"], "total": done,
                       "exhaustive": self.exhaustive_flops(),
                       "ratio": round(done / max(self.exhaustive_flops(), 1), 4)},

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
 
 import torch
 
 from univ.errors import Interrupted
 from univ.run import checkpoint
 from univ.run.config import CorrelateConfig
-from univ.run.plan import Plan, format_bytes, make_plan
+from univ.run.plan import Plan, format_bytes
 from univ.run.screen import ScreenRun
+from univ.run.state import RunState
 from univ.run.stream import StopFlag, token_stream
 
 
@@ -40,31 +40,33 @@ class Outcome:
 
 def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: torch.device,
                  operand_dtype: torch.dtype, batch_bytes: int, ident: dict, *, progress: bool, log):
-    """Screen, verify, certify (rounds of verify passes as needed); returns (Outcome, screen plan, ScreenRun,
-    timings, tokens_seen). Checkpoints as the module docstring says."""
+    """Screen, verify, certify (rounds of verify passes as needed); returns (the finished ScreenRun, timings).
+    Checkpoints as the module docstring says."""
     from tqdm.auto import tqdm
 
     run = ScreenRun(cfg, models, device, operand_dtype)
     timings = {"forward_s": 0.0, "kernels_s": 0.0, "finalize_s": 0.0, "screen_s": 0.0}
+    path = checkpoint.path(out)
     if meta is not None:
-        run.load_checkpoint(out, meta)
+        run.load_checkpoint(path, meta)
     with StopFlag() as flag, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="data source .* ran out")  # said in the summary and run.json
         if run.c["stage"] == "screen":
             if meta is None:
-                run.write_checkpoint(out, ident)  # so that --resume after a kill in the screen restarts it
-            plan = make_plan(replace(cfg, tokens=run.screen_tokens), run.n_layers, run.d, device, batch_bytes)
+                run.write_checkpoint(path, ident)  # so that --resume after a kill in the screen restarts it
+            plan = run.screen_plan(batch_bytes)
             log(describe(run, plan))
             bar = tqdm(total=run.screen_tokens * len(plan.passes), unit="tok", unit_scale=True, disable=not progress,
                        dynamic_ncols=True, desc="screen")
             t0 = time.perf_counter()
             try:
-                plan = run.run_screen(batch_bytes, timings, flag, bar.update)
+                run.run_screen(RunState(plan, models, device, run.screen_cfg()), timings, bar.update,
+                               lambda: flag.signal_name if flag.stop else None)
             finally:
                 bar.close()
             timings["screen_s"] += time.perf_counter() - t0
-            run.c["screen_plan"] = plan.to_dict()
-            run.write_checkpoint(out, ident)
+            run.start_verify()
+            run.write_checkpoint(path, ident)
             log(run.verify_line())
         else:
             log(f"resuming the verify stage: round {run.c['round'] + 1}, pass {run.c['pass'] + 1} after "
@@ -79,12 +81,12 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
                 bar.update(run.verify_batch(batch.input_ids, batch.keep, timings))
                 if flag.stop:
                     bar.close()
-                    run.write_checkpoint(out, ident)
+                    run.write_checkpoint(path, ident)
                     raise Interrupted(f"interrupted by {flag.signal_name} in verify round {run.c['round'] + 1} "
                                       f"({run.c['tokens_done']:,} tokens in); checkpoint written to "
                                       f"{checkpoint.path(out)}. Resume with --resume (the same command and options).")
                 if next_ckpt and run.c["tokens_done"] >= next_ckpt:
-                    run.write_checkpoint(out, ident)
+                    run.write_checkpoint(path, ident)
                     next_ckpt = run.c["tokens_done"] + cfg.checkpoint_every
             bar.close()
             if run.c["tokens_done"] == 0:
@@ -95,11 +97,38 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
             run.finish_pass()
             next_ckpt = cfg.checkpoint_every and cfg.checkpoint_every
             if run.c["stage"] == "verify":
-                run.write_checkpoint(out, ident)
+                run.write_checkpoint(path, ident)
                 if run.c["round"] != round_before:
                     log(run.verify_line())
+    return run, timings
+
+
+def screen_outputs(cfg: CorrelateConfig, out, run: ScreenRun, models, labels, *, device, operand_dtype, timings: dict,
+                   wall_s: float, ident: dict, batch_bytes: int, memory: dict, extra: dict | None = None):
+    """Write a finished screen run's outputs (run.json last): the exhaustive answer, its ``screen`` report, the
+    memory both stages planned and used; with --save-state the screen's maxima, masks and margins. Returns
+    (the neurons table, the summary line of the screen)."""
+    from univ.run import files
+    from univ.run.outputs import build_manifest, write_outputs
+
     plan = Plan.from_dict(run.c["screen_plan"], run.d, run.n_layers, batch_bytes)
-    return Outcome(run), plan, run, timings, run.c["tokens_seen"]
+    outcome = Outcome(run)
+    manifest = build_manifest(cfg, outcome, plan, models, labels, tokens_seen=run.c["tokens_seen"], device=device,
+                              operand_dtype=operand_dtype, timings=timings, wall_s=wall_s, run_id=ident["run_id"],
+                              fingerprint=ident["fingerprint"])
+    manifest["method"] = "screen"
+    manifest["screen"] = rep = run.report()
+    manifest["memory"].update(memory, verify_stage_bytes=run.c.get("verify_bytes"))
+    manifest.update(extra or {})
+    if cfg.save_state:  # the sample's and the verified maxima, margins and masks, for re-analysis
+        files.write_tensors(out / "state" / "screen.safetensors", {k: v.detach().contiguous().cpu()
+                                                                   for k, v in run.t.items()},
+                            {"kind": "univ.correlate.screen-state", "run_id": ident["run_id"]})
+    table = write_outputs(out, outcome, models, labels, cfg, manifest)
+    line = (f"screen: {rep['screen_tokens']:,} sample tokens; {100 * (rep['certified_first_round'] or 0):.1f} % of "
+            f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
+            f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
+    return table, line
 
 
 def describe(run: ScreenRun, plan: Plan) -> str:
