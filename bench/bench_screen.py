@@ -4,11 +4,14 @@ model at 1e8 tokens.
     python -m bench.bench_screen                       # the shipped depth zoo, two seeds, its held-out text
     python -m bench.bench_screen --zoo DIR --screen 8000,34000 --tokens 170000
     python -m bench.bench_screen --shape gpt2-small --tokens 4096 --screen 1024 --draws 1   # random-init 12 x 3,072
+    python -m bench.bench_screen --screen 8000 --ranks 2    # each screen also under torchrun on 2 ranks
 
 Each method runs in this process on the same models and tokens (exact first). Reported per run: wall s,
 FLOPs done (run.json), × exact (wall), measured peak / planned peak, verified share of neuron × layer rows,
 certified share in the first round, and whether the answer is the exhaustive one (max |Δ| over every float
-column of neurons.parquet, argmax differences, universal set).
+column of neurons.parquet, argmax differences, universal set). With ``--ranks W`` each screen runs again as one
+``torchrun --nproc-per-node W`` job (``bench.bench_scaling``'s worker; on CPU each rank gets cores / W threads),
+its wall time including the launcher's start.
 
 Extrapolation. A screen run holds, for the neurons it verified against every layer (most of them at a
 small S; the harder ones, so the estimate errs high), the exact per-(neuron, layer) maxima and the margin
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screen", default="8000,34000", help="sample sizes to try, comma-separated")
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--out", default="runs/bench-screen")
+    ap.add_argument("--ranks", type=int, default=1, help="also run each screen under torchrun on this many ranks")
     ap.add_argument("--shape", default=None, choices=["gpt2-small"],
                     help="two random-init models of this shape instead of the zoo (bench.bench_correlate.make_seeds)")
     args = ap.parse_args(argv)
@@ -85,11 +89,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads; {args.shape or 'zoo ' + args.zoo} (2 seeds), {args.draws} draws")
     rows, tables = [], {}
     runs = [("exact", {"method": "exact"})]
-    runs += [(f"screen S={s}", {"method": "screen", "screen_tokens": int(s)}) for s in args.screen.split(",")]
+    for s in args.screen.split(","):
+        runs.append((f"screen S={s}", {"method": "screen", "screen_tokens": int(s)}))
+        if args.ranks > 1:
+            runs.append((f"screen S={s} on {args.ranks} ranks", {"method": "screen", "screen_tokens": int(s)}))
     for name, extra in runs:
         out = root / name.replace(" ", "-").replace("=", "")
         t0 = time.perf_counter()
-        run(CorrelateConfig(out=str(out), **base, **extra), overwrite=True, progress=False, log=lambda *a: None)
+        if "ranks" in name:
+            on_ranks(root, {"out": str(out), **base, **extra, "save_state": True}, args.ranks)
+        else:
+            run(CorrelateConfig(out=str(out), **base, **extra), overwrite=True, progress=False, log=lambda *a: None)
         wall = time.perf_counter() - t0
         manifest = json.loads((out / "run.json").read_text())
         tables[name] = pd.read_parquet(out / "neurons.parquet")
@@ -114,6 +124,24 @@ def main(argv: list[str] | None = None) -> None:
     frame["x exact (wall)"] = (frame.loc[0, "wall_s"] / frame["wall_s"]).round(2)
     print(frame.to_string(index=False))
     cost_model(frame)
+
+
+def on_ranks(root: Path, cfg: dict, world: int) -> None:
+    """One ``torchrun --standalone --nproc-per-node world`` job of ``cfg`` (a fresh --out)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(cfg["out"], ignore_errors=True)
+    path = root / f"cfg-{world}-ranks.json"
+    path.write_text(json.dumps({**cfg, "models": list(cfg["models"])}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)),
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(world), "-m",
+           "bench.bench_scaling", "--worker", str(path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
 
 
 def cost_model(frame: pd.DataFrame) -> None:

@@ -213,3 +213,22 @@ def test_a_one_process_screen_checkpoint_is_refused_under_torchrun(zoo, tmp_path
     assert procs[0].exitcode == -signal.SIGKILL and (tmp_path / "d" / "checkpoint.safetensors").exists()
     results = spawn(_rank_resume_corrupt, 2, tmp_path, cfg)
     assert all("one-process --method screen run" in r.get("error", "") for r in results), results
+
+
+@pytest.mark.skipif(os.environ.get("UNIV_SKIP_TORCHRUN") == "1", reason="UNIV_SKIP_TORCHRUN=1")
+def test_torchrun_cli_screen(zoo, tmp_path, tmp_path_factory):
+    """The real launcher: torchrun --nproc-per-node 2 -m univ correlate ... --method screen (a subprocess)."""
+    import subprocess
+    import sys
+
+    cfg = _screen_cfg(zoo, "gpt2", tmp_path / "t")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "univ", "correlate", *cfg["models"],
+           "--data", cfg["data"], "--out", cfg["out"], "--tokens", str(cfg["tokens"]), "--ctx", "32",
+           "--batch-size", "4", "--device", "cpu", "--method", "screen", "--screen-tokens", "300"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "UNIV_DIST_TIMEOUT": "60"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "screen method on 2 ranks" in done.stdout and "(2 ranks)" in done.stdout
+    assert_screen_answer(tmp_path / "t", cfg, tmp_path_factory)
