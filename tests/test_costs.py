@@ -67,3 +67,24 @@ def test_unknown_architecture_and_missing_config_are_clear(tmp_path):
         costs.model_shape(str(t5))
     with pytest.raises(UserError, match="no such local directory"):
         costs.model_shape(str(tmp_path / "absent"))
+
+
+def test_ranks_split_the_plan_for_torchrun(tmp_path, capsys):
+    """--ranks 8: the exact blocks and the screen's verified rows split over 8 devices; fewer passes, less each."""
+    a, b = _llama_7b(tmp_path / "a"), _llama_7b(tmp_path / "b")
+    cfg = CorrelateConfig(models=(str(a), str(b)), data="x", tokens=100_000_000, dtype="bfloat16",
+                          layer_similarity=False, batch_size=4)
+    shapes = [costs.model_shape(str(a))] * 2
+    one, eight = costs.estimate(cfg, shapes, 80e9), costs.estimate(cfg, shapes, 80e9, ranks=8)
+    assert one["exact"]["passes"] > 8 * (eight["exact"]["passes"] - 1)  # a pass over 8 devices holds 8× the blocks
+    assert eight["exact"]["peak"] <= 80e9 and eight["screen"]["peak"] <= 80e9
+    assert eight["exact"]["flops"] < one["exact"]["flops"] and eight["screen"]["flops"] < one["screen"]["flops"]
+    assert eight["screen"]["verify_passes"] < one["screen"]["verify_passes"]
+    argv = ["correlate", str(a), str(b), "--data", "x", "--tokens", "100000000", "--dry-run", "--dtype", "bfloat16",
+            "--no-layer-similarity", "--batch-size", "4", "--ranks", "8"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "8 ranks (torchrun --nproc-per-node 8)" in text and "on the busiest rank" in text
+    g = _gpt2_small(tmp_path / "g")  # GPT2-small on 2 ranks: one pass, auto stays exact
+    assert main(["correlate", str(g), str(g), "--data", "x", "--dry-run", "--ranks", "2"]) == 0
+    assert "auto would run: exact" in capsys.readouterr().out

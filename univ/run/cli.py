@@ -100,6 +100,8 @@ def register(subparsers) -> None:
                    help="read only each model's config (no weights, no data); print each method's memory, passes, "
                         "FLOPs and estimated time, and exit: 2 if the method asked for (or auto's pick) does not fit, "
                         "naming the options that would make it fit")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="--dry-run: plan for N ranks of torchrun (--nproc-per-node N), one device each (default 1)")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="TF",
                    help="--dry-run: the device's dense TFLOP/s for the time estimate (default: an H100's bf16, 989)")
     p.set_defaults(func=main)
@@ -126,7 +128,7 @@ def main(args) -> int:
     if args.dry_run:
         from univ.run.costs import dry_run
 
-        return dry_run(config_from_args(args), peak_tflops=args.peak_tflops)
+        return dry_run(config_from_args(args), peak_tflops=args.peak_tflops, ranks=args.ranks)
     try:
         run(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except Interrupted as e:
