@@ -225,9 +225,14 @@ def test_a_corrupt_rank_unit_is_refused_on_every_rank(zoo, tmp_path):
     for p in procs:
         os.kill(p.pid, signal.SIGTERM)
     join_ranks(procs, timeout=40)
-    unit = next((tmp_path / "d" / DIST_DIR).glob("gen-*/rank-1.safetensors"))
+    assert_corrupt_unit_refused(cfg, tmp_path)
+
+
+def assert_corrupt_unit_refused(cfg: dict, tmp_path: Path) -> None:
+    """One flipped bit in the last tensor's bytes of rank 1's unit: every rank's resume refuses, naming it."""
+    unit = next((Path(cfg["out"]) / DIST_DIR).glob("gen-*/rank-1.safetensors"))
     data = bytearray(unit.read_bytes())
-    data[-5] ^= 0x40  # one flipped bit in the last tensor's bytes
+    data[-5] ^= 0x40
     unit.write_bytes(bytes(data))
     results = spawn(_rank_resume_corrupt, 2, tmp_path, cfg)
     assert all(r.get("error", "").startswith("Refused: checkpoint unusable") for r in results), results

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from test_distributed import join_ranks, spawn, start_ranks
-from test_distributed_run import _rank_resume_corrupt, _rank_run, assert_same_outputs, config, reference, zoo
+from test_distributed_run import (
+    _rank_resume_corrupt,
+    _rank_run,
+    assert_corrupt_unit_refused,
+    assert_same_outputs,
+    config,
+    reference,
+    zoo,
+)
 
 from univ.errors import Refused
 from univ.run.config import CorrelateConfig
@@ -190,12 +198,7 @@ def test_a_screen_checkpoint_resumes_only_on_its_world(zoo, tmp_path):
         run(CorrelateConfig(**cfg), resume=True, progress=False, log=lambda *a: None)
     results = spawn(_rank_resume_corrupt, 2, tmp_path, {**cfg, "method": "exact"})
     assert all("is of --method screen" in r.get("error", "") for r in results), results
-    unit = next((tmp_path / "d" / DIST_DIR).glob("gen-*/rank-1.safetensors"))
-    data = bytearray(unit.read_bytes())
-    data[-5] ^= 0x40  # one flipped bit in the last tensor's bytes
-    unit.write_bytes(bytes(data))
-    results = spawn(_rank_resume_corrupt, 2, tmp_path, cfg)
-    assert all(r.get("error", "").startswith("Refused: checkpoint unusable") for r in results), results
+    assert_corrupt_unit_refused(cfg, tmp_path)
 
 
 def _one_process_run(rank, world, cfg: dict):
