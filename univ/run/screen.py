@@ -128,11 +128,15 @@ class ScreenRun:
         per_pass = [sum(4 * (it[3] - it[2]) * self.d[self.pairs[it[0]][1]] for it in items)
                     for items in self.c["items"]] or [0]
         maxima = sum(v.numel() * v.element_size() for v in self.t.values())
+        return max(per_pass[0] + self._first_pass_bytes(), max(per_pass)) + maxima + self._stage_bytes()
+
+    def _stage_bytes(self) -> int:
+        """What every verify pass allocates beside its accumulators: the moments and one batch of every model's
+        activations and operands."""
         moments = sum(8 * 4 * n * d for n, d in zip(self.n_layers, self.d, strict=True))
         t_batch = self.cfg.batch_size * self.cfg.ctx
-        batch = sum(t_batch * n * d * (4 + 4 + self.operand_dtype.itemsize)
-                    for n, d in zip(self.n_layers, self.d, strict=True))
-        return max(per_pass[0] + self._first_pass_bytes(), max(per_pass)) + maxima + moments + batch
+        return moments + sum(t_batch * n * d * (4 + 4 + self.operand_dtype.itemsize)
+                             for n, d in zip(self.n_layers, self.d, strict=True))
 
     # -- screen -------------------------------------------------------------------------------------------
     def screen_batches(self, tokenizer):
@@ -260,7 +264,8 @@ class ScreenRun:
     # -- verify -------------------------------------------------------------------------------------------
     def _plan_round(self) -> None:
         """Split the round's (pair, layer, rows) work into passes under the memory budget."""
-        budget = accumulator_budget(self.cfg, self.device, 0)  # the first pass's W and columns count below
+        # the maxima are held already; the moments and a batch are not yet (the first pass's W and columns: below)
+        budget = accumulator_budget(self.cfg, self.device, self._stage_bytes())
         passes: list[list[Item]] = [[]]
         used = self._first_pass_bytes() if self.c["round"] == 0 else 0
         for p, (_, m) in enumerate(self.pairs):

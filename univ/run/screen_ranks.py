@@ -40,6 +40,7 @@ from univ.run.screen import ScreenRun
 from univ.run.shard_plan import describe_shard_plan, make_shard_plan, make_units, within_bytes
 from univ.run.stream import StopFlag, token_stream
 
+REDUCE_CHUNK = 1 << 24  # elements per collective (64 MB of fp32)
 # Row-indexed tensors of a ScreenRun: each row's values live on the rank that owns its layer.
 ROW_TENSORS = ("done", "todo", "ex_max", "ex_arg", "ex_rot", "extra_max", "extra_arg", "margin")
 
@@ -175,11 +176,17 @@ def merge_results(srun: ScreenRun, comm: torch.device) -> None:
 
 
 def _reduce(x: torch.Tensor, comm: torch.device, op: str) -> torch.Tensor:
+    """All-reduce a CPU tensor into a new one, through ``comm`` in chunks of REDUCE_CHUNK elements: the maxima of
+    a 7B pair with 16 draws are ~0.7 GB, which a GPU need not hold at once beside the models."""
     import torch.distributed as dist
 
-    y = x.to(comm).contiguous()
-    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return y.cpu()
+    flat = x.contiguous().view(-1)
+    out = torch.empty_like(flat)
+    for s in range(0, flat.numel(), REDUCE_CHUNK):
+        y = flat[s:s + REDUCE_CHUNK].to(comm, copy=True)
+        dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        out[s:s + REDUCE_CHUNK] = y.cpu()
+    return out.view(x.shape)
 
 
 def _verify(cfg, job: Job, srun: ScreenRun, timings: dict, flag: StopFlag) -> None:
