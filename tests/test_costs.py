@@ -88,3 +88,9 @@ def test_ranks_split_the_plan_for_torchrun(tmp_path, capsys):
     g = _gpt2_small(tmp_path / "g")  # GPT2-small on 2 ranks: one pass, auto stays exact
     assert main(["correlate", str(g), str(g), "--data", "x", "--dry-run", "--ranks", "2"]) == 0
     assert "auto would run: exact" in capsys.readouterr().out
+
+
+def test_plan_only_flags_without_dry_run_are_refused(tmp_path, capsys):
+    g = _gpt2_small(tmp_path / "g")
+    assert main(["correlate", str(g), str(g), "--data", "x", "--ranks", "4"]) != 0
+    assert "--dry-run" in capsys.readouterr().err

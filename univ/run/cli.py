@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from univ.baseline import KINDS as BASELINES
-from univ.errors import Interrupted
+from univ.errors import Interrupted, UserError
 from univ.run.config import DEFAULT_BASELINE_DRAWS, METHODS, MODES, CorrelateConfig
 
 
@@ -29,7 +29,9 @@ def register(subparsers) -> None:
             "  univ correlate A B --data data.txt --out runs/x --resume      # continue an interrupted run\n"
             "  univ correlate A B --data data.txt --out runs/p --paper-exact # the paper's choices (fp16 acts, K=1)\n"
             "  univ correlate A B --data d.txt --method screen   # screen a sample, verify: N² only over the sample\n"
-            "  univ correlate meta-llama/Llama-2-7b-hf lmsys/vicuna-7b-v1.5 --data d.txt --dry-run  # plan only"
+            "  univ correlate meta-llama/Llama-2-7b-hf lmsys/vicuna-7b-v1.5 --data d.txt --dry-run  # plan only\n"
+            "  univ correlate A B --data d.txt --dry-run --ranks 8       # plan torchrun's 8 devices\n"
+            "  torchrun --nproc-per-node 8 -m univ correlate A B --data d.txt --method screen   # ranks split the rows"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -129,6 +131,9 @@ def main(args) -> int:
         from univ.run.costs import dry_run
 
         return dry_run(config_from_args(args), peak_tflops=args.peak_tflops, ranks=args.ranks)
+    if args.ranks != 1 or args.peak_tflops is not None:
+        raise UserError("--ranks and --peak-tflops plan a run with --dry-run; a real run across ranks is "
+                        "`torchrun --nproc-per-node N -m univ correlate ...`")
     try:
         run(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except Interrupted as e:
