@@ -70,6 +70,9 @@ class Job:
 
 def run(cfg, job: Job) -> Path:
     """Screen, verify and certify across the ranks; rank 0 writes the outputs. Every rank calls it."""
+    if cfg.token_shards not in (None, 1):
+        job.log(f"note: --token-shards {cfg.token_shards} is the exact method's split; the screen's ranks split the "
+                "neurons and each reads every token")
     srun = ScreenRun(cfg, job.models, job.device, job.operand_dtype, job.rank, job.world)
     if job.rank != 0:
         srun.act_stats = {}  # every rank streams every token: rank 0 alone gathers the statistics
