@@ -419,3 +419,14 @@ def test_screen_equals_exact_on_the_shipped_zoo(tmp_path):
                            screen_tokens=500)
     assert_same_answer(e, s)
     assert len(e) == 2 * 1024 and manifest["screen"]["rounds"] >= 1
+
+
+def test_screen_equals_exact_at_gpt2_small_depth(tmp_path):
+    """Random-init GPT-2s with GPT2-small's depth and MLP ratio (12 layers, d_mlp = 4·d_model), narrowed to
+    d_model 32 so that it runs in seconds: 12 layers of candidates per neuron, two directions."""
+    models, data = tiny_seeds_and_text(tmp_path, (0, 1), 60_000, n_layer=12, n_inner=128)
+    e, s, manifest = _both(models, data, tmp_path, name="g12", mode="all-pairs", screen_tokens=600)
+    assert_same_answer(e, s)
+    assert len(e) == 2 * 12 * 128
+    rep = manifest["screen"]
+    assert 1 <= rep["verified_layers_per_row"]["0->1"] <= 12 and rep["flops"]["exhaustive"] > 0
