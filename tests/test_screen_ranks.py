@@ -243,3 +243,24 @@ def test_torchrun_cli_screen(zoo, tmp_path, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "screen method on 2 ranks" in done.stdout and "(2 ranks)" in done.stdout
     assert_screen_answer(tmp_path / "t", cfg, tmp_path_factory)
+
+
+def test_sae_latents_screened_on_ranks_equal_exact(zoo, tmp_path, tmp_path_factory):
+    """SAE latents as the units (two SAEs per model, one dead latent), screened on 2 ranks: the exact table."""
+    import torch
+    from test_sites import write_sae
+
+    g = torch.Generator().manual_seed(5)
+    saes = []
+    for name in ("a", "b"):
+        folders = []
+        for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+            W = torch.randn(32, 24, generator=g) / 32**0.5
+            bias = torch.rand(24, generator=g) * 0.3
+            bias[3] = -1e4  # dead
+            folders.append(str(write_sae(tmp_path / f"sae-{name}-{hook}", W, bias, hook=hook)))
+        saes.append(",".join(folders))
+    cfg = _screen_cfg(zoo, "gpt2", tmp_path / "d", sae=tuple(saes), baseline_draws=2)
+    cfg["models"] = cfg["models"][:2]
+    spawn(_rank_run, 2, tmp_path, cfg)
+    assert_screen_answer(tmp_path / "d", cfg, tmp_path_factory)
