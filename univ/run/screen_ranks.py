@@ -38,7 +38,7 @@ from univ.run.distributed import (
 from univ.run.plan import pairs_for, rotated_models
 from univ.run.screen import ScreenRun
 from univ.run.shard_plan import describe_shard_plan, make_shard_plan, make_units, within_bytes
-from univ.run.stream import StopFlag, token_stream
+from univ.run.stream import StopFlag
 
 REDUCE_CHUNK = 1 << 24  # elements per collective (64 MB of fp32)
 # Row-indexed tensors of a ScreenRun: each row's values live on the rank that owns its layer.
@@ -193,43 +193,22 @@ def _reduce(x: torch.Tensor, comm: torch.device, op: str) -> torch.Tensor:
 
 
 def _verify(cfg, job: Job, srun: ScreenRun, timings: dict, flag: StopFlag) -> None:
-    """Verify passes in lockstep until every rank's rows are certified: a rank whose rows are done streams on
-    without work, so that every batch has one stop check for all."""
-    from tqdm.auto import tqdm
+    """``screen_stages.verify_stage`` in lockstep: the flags ORed over the ranks, the position the working ranks'."""
+    from univ.run.screen_stages import verify_stage
 
-    from univ.data import DataError
-
-    every = cfg.checkpoint_every
-    while _any(srun.c["stage"] == "verify", job.comm):
+    def position() -> tuple[int, int]:
         working = srun.c["stage"] == "verify"
         here = [srun.c["batches_done"], srun.c["tokens_done"]] if working else [0, 0]
-        skip, tokens_in = _reduce(torch.tensor(here, dtype=torch.int64), job.comm, "max").tolist()
-        next_ckpt = every and tokens_in + every
-        bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, dynamic_ncols=True, initial=tokens_in,
-                   disable=not job.progress or job.rank != 0,
-                   desc=f"verify round {srun.c['round'] + 1} pass {srun.c['pass'] + 1}" if working else "verify")
-        for batch in token_stream(cfg, job.models[0].tokenizer, skip_batches=skip):
-            if working:
-                srun.verify_batch(batch.input_ids, batch.keep, timings)
-            tokens_in += batch.n_kept
-            bar.update(batch.n_kept)
-            if _any(flag.stop, job.comm):
-                bar.close()
-                _commit(job, srun)
-                raise Interrupted(f"interrupted by {flag.signal_name or 'a signal on another rank'} in the verify "
-                                  f"stage ({tokens_in:,} tokens into the pass); checkpoint generation "
-                                  f"{srun.generation} written to {job.ddir}. Resume with the same torchrun command "
-                                  "and --resume.")
-            if next_ckpt and tokens_in >= next_ckpt:
-                _commit(job, srun)
-                next_ckpt = tokens_in + every
-        bar.close()
-        if tokens_in == 0:
-            raise DataError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
-        if working:
-            srun.finish_pass()
-        if _any(srun.c["stage"] == "verify", job.comm):
-            _commit(job, srun)
+        return tuple(_reduce(torch.tensor(here, dtype=torch.int64), job.comm, "max").tolist())
+
+    def interrupted(tokens_in: int) -> Interrupted:
+        return Interrupted(f"interrupted by {flag.signal_name or 'a signal on another rank'} in the verify stage "
+                           f"({tokens_in:,} tokens into the pass); checkpoint generation {srun.generation} written "
+                           f"to {job.ddir}. Resume with the same torchrun command and --resume.")
+
+    verify_stage(cfg, srun, job.models[0].tokenizer, timings, flag, commit=lambda: _commit(job, srun),
+                 interrupted=interrupted, agree=lambda f: _any(f, job.comm), position=position,
+                 progress=job.progress and job.rank == 0)
 
 
 def _commit(job: Job, srun: ScreenRun) -> None:

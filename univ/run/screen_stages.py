@@ -71,35 +71,14 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
         else:
             log(f"resuming the verify stage: round {run.c['round'] + 1}, pass {run.c['pass'] + 1} after "
                 f"{run.c['batches_done']} batches (checkpoint generation {run.generation})")
-        next_ckpt = cfg.checkpoint_every and run.c["tokens_done"] + cfg.checkpoint_every
-        while run.c["stage"] == "verify":
-            n_items = sum(it.r1 - it.r0 for it in run.items())
-            bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
-                       initial=run.c["tokens_done"],
-                       desc=f"verify round {run.c['round'] + 1} pass {run.c['pass'] + 1} ({n_items:,} rows×layers)")
-            for batch in token_stream(cfg, models[0].tokenizer, skip_batches=run.c["batches_done"]):
-                bar.update(run.verify_batch(batch.input_ids, batch.keep, timings))
-                if flag.stop:
-                    bar.close()
-                    run.write_checkpoint(path, ident)
-                    raise Interrupted(f"interrupted by {flag.signal_name} in verify round {run.c['round'] + 1} "
-                                      f"({run.c['tokens_done']:,} tokens in); checkpoint written to "
-                                      f"{checkpoint.path(out)}. Resume with --resume (the same command and options).")
-                if next_ckpt and run.c["tokens_done"] >= next_ckpt:
-                    run.write_checkpoint(path, ident)
-                    next_ckpt = run.c["tokens_done"] + cfg.checkpoint_every
-            bar.close()
-            if run.c["tokens_done"] == 0:
-                from univ.data import DataError
 
-                raise DataError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
-            round_before = run.c["round"]
-            run.finish_pass()
-            next_ckpt = cfg.checkpoint_every and cfg.checkpoint_every
-            if run.c["stage"] == "verify":
-                run.write_checkpoint(path, ident)
-                if run.c["round"] != round_before:
-                    log(run.verify_line())
+        def interrupted(tokens_in: int) -> Interrupted:
+            return Interrupted(f"interrupted by {flag.signal_name} in verify round {run.c['round'] + 1} "
+                               f"({tokens_in:,} tokens in); checkpoint written to {path}. Resume with --resume "
+                               "(the same command and options).")
+
+        verify_stage(cfg, run, models[0].tokenizer, timings, flag, commit=lambda: run.write_checkpoint(path, ident),
+                     interrupted=interrupted, progress=progress, log=log)
     return run, timings
 
 
@@ -129,6 +108,51 @@ def screen_outputs(cfg: CorrelateConfig, out, run: ScreenRun, models, labels, *,
             f"neurons certified in the first round, {rep['fallback_rows']:,} verified again; work "
             f"{rep['flops']['ratio']:.3f} of the exhaustive method's FLOPs")
     return table, line
+
+
+def verify_stage(cfg: CorrelateConfig, run: ScreenRun, tokenizer, timings: dict, flag: StopFlag, *, commit,
+                 interrupted, agree=lambda flag: flag, position=None, progress: bool = True, log=None) -> None:
+    """Verify passes until every row is certified, checkpointing (``commit``) every --checkpoint-every tokens,
+    after each pass that is not the last, and on a signal (then ``interrupted(tokens into the pass)`` is raised).
+
+    Across ranks ``agree`` ORs a flag over the ranks and ``position()`` gives the pass's (batches, tokens) done:
+    the ranks stream in lockstep, and a rank whose rows are all certified streams on without work, so that
+    every batch has one stop check for all."""
+    from tqdm.auto import tqdm
+
+    from univ.data import DataError
+
+    every = cfg.checkpoint_every
+    while agree(run.c["stage"] == "verify"):
+        working = run.c["stage"] == "verify"
+        skip, tokens_in = position() if position else (run.c["batches_done"], run.c["tokens_done"])
+        next_ckpt = every and tokens_in + every
+        n_items = sum(it.r1 - it.r0 for it in run.items())
+        bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+                   initial=tokens_in, desc=f"verify round {run.c['round'] + 1} pass {run.c['pass'] + 1} "
+                                           f"({n_items:,} rows×layers)" if working else "verify (rows done)")
+        for batch in token_stream(cfg, tokenizer, skip_batches=skip):
+            if working:
+                run.verify_batch(batch.input_ids, batch.keep, timings)
+            tokens_in += batch.n_kept
+            bar.update(batch.n_kept)
+            if agree(flag.stop):
+                bar.close()
+                commit()
+                raise interrupted(tokens_in)
+            if next_ckpt and tokens_in >= next_ckpt:
+                commit()
+                next_ckpt = tokens_in + every
+        bar.close()
+        if tokens_in == 0:
+            raise DataError(f"no tokens were read from {cfg.data!r}: is it empty, or is every position excluded?")
+        round_before = run.c["round"]
+        if working:
+            run.finish_pass()
+        if agree(run.c["stage"] == "verify"):
+            commit()
+            if log is not None and run.c["round"] != round_before:
+                log(run.verify_line())
 
 
 def describe(run: ScreenRun, plan: Plan) -> str:
