@@ -211,6 +211,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
     from univ.run import identity, stream
     from univ.run.checkpoint import next_checkpoint as _next_checkpoint
     from univ.run.config import model_labels
+    from univ.run.driver import resumed_method
     from univ.run.finalize import finalize_pass
     from univ.run.folder import OutLock, open_folder
     from univ.run.inputs import load_models
@@ -244,12 +245,8 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
         # checkpoint (one process, another world size or --token-shards) is re-sharded from its snapshot.
         same_layout = manifest is not None and not manifest.get("single") and manifest["world"] == world and \
             cfg.token_shards in (None, manifest["token_shards"])
-        if screened and cfg.method == "exact":
-            raise Refused(f"--resume: the checkpoint in {out} is of --method screen, not exact; resume with --method "
-                          "screen (or auto), or pass --overwrite to start again")
-        if manifest is not None and not screened and cfg.method == "screen":
-            raise Refused(f"--resume: the checkpoint in {out} is of --method exact, not screen; resume with --method "
-                          "exact (or auto), or pass --overwrite to start again")
+        if manifest is not None:
+            resumed_method(cfg, "screen" if screened else "exact")
         snap = _together(reshard.read_snapshot, out) if manifest is not None and not same_layout else None
 
         models = _together(load_models, cfg, device)
@@ -442,6 +439,7 @@ def _run(cfg, device: torch.device, *, resume: bool, overwrite: bool, progress: 
 
 def _screen_chosen(cfg, units, world: int, budget: int, within, reverse: bool, log) -> bool:
     """--method auto across ranks: exact when its accumulators fit the ranks in one pass, screen otherwise."""
+    from univ.run.driver import auto_method
     from univ.run.plan import PlanError
 
     if cfg.method != "auto":
@@ -451,12 +449,7 @@ def _screen_chosen(cfg, units, world: int, budget: int, within, reverse: bool, l
                                  within=within, reverse=reverse).n_passes
     except PlanError:
         passes = None
-    if passes == 1:
-        log(f"method: auto → exact (every co-moment fits in one pass over {world} ranks)")
-        return False
-    why = f"need {passes} passes over the tokens" if passes else "do not fit"
-    log(f"method: auto → screen (the exact accumulators {why} on {world} ranks; --method exact to insist)")
-    return True
+    return auto_method(passes, log, f" over {world} ranks") == "screen"
 
 
 def group_state(plan: ShardPlan, g: int, models, device: torch.device, cfg, batch_bytes: int):

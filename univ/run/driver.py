@@ -233,23 +233,32 @@ def log_finished(table, cfg: CorrelateConfig, out: Path, run_id: str, tokens_see
 def _resolve_method(cfg: CorrelateConfig, meta: dict | None, n_layers, d_mlp, device, batch_bytes, log) -> str:
     """exact or screen: a resumed run keeps its checkpoint's; auto is exact when its accumulators fit in one pass."""
     if meta is not None:
-        saved = meta.get("method", "exact")
-        if cfg.method not in ("auto", saved):
-            raise Refused(f"--resume: the checkpoint in {cfg.out} is of --method {saved}, not {cfg.method}; resume "
-                          f"with --method {saved} (or auto), or pass --overwrite to start again")
-        return saved
+        return resumed_method(cfg, meta.get("method", "exact"))
     if cfg.method != "auto":
         return cfg.method
     try:
         passes = len(make_plan(cfg, n_layers, d_mlp, device, batch_bytes).passes)
     except PlanError:
         passes = None
+    return auto_method(passes, log)
+
+
+def resumed_method(cfg: CorrelateConfig, saved: str) -> str:
+    """The checkpoint's method, which a resume keeps; another explicit --method is refused."""
+    if cfg.method not in ("auto", saved):
+        raise Refused(f"--resume: the checkpoint in {cfg.out} is of --method {saved}, not {cfg.method}; resume "
+                      f"with --method {saved} (or auto), or pass --overwrite to start again")
+    return saved
+
+
+def auto_method(passes: int | None, log, where: str = "") -> str:
+    """--method auto: exact when the exact plan (``passes``, None if it cannot fit) is one pass, screen otherwise;
+    ``where`` names the devices in the message (" over 4 ranks")."""
     if passes == 1:
-        log("method: auto → exact (every co-moment fits in one pass)")
+        log(f"method: auto → exact (every co-moment fits in one pass{where})")
         return "exact"
-    why = f"the exact accumulators need {passes} passes over the tokens" if passes else "the exact accumulators " \
-        "do not fit"
-    log(f"method: auto → screen ({why}; --method exact to insist)")
+    why = f"need {passes} passes over the tokens" if passes else "do not fit"
+    log(f"method: auto → screen (the exact accumulators {why}{where}; --method exact to insist)")
     return "screen"
 
 
