@@ -533,23 +533,20 @@ def commit_generation(ddir: Path, g: int, rank: int, world: int, comm, manifest:
 
 def _load_unit(ddir: Path, manifest: dict, rank: int, state, cfg, run_plan) -> None:
     """This rank's unit of the manifest's generation, validated (digest, names, shapes, checksums, identity)."""
-    from univ_kernels.io import StateFileError, read_meta, read_tensors
+    from univ_kernels.io import StateFileError, read_tensors
 
-    path = _unit_path(ddir, manifest["generation"], rank)
-    try:
-        meta, _ = read_meta(path)
-    except (OSError, StateFileError) as e:
-        raise Refused(f"checkpoint unusable: {path}: {e}; start again with --overwrite") from e
-    want = {"kind": UNIT_KIND, "version": UNIT_VERSION, "run_id": manifest["run_id"],
-            "generation": manifest["generation"], "rank": rank, "world": manifest["world"]}
-    bad = [f"{k} {meta.get(k)!r} (expected {v!r})" for k, v in want.items() if meta.get(k) != v]
-    if meta.get("plan") != json.loads(json.dumps(run_plan.to_dict())):
-        bad.append("another plan of blocks than this run computes")
-    c = meta.get("counters", {})
-    if not 0 <= c.get("pass_index", -1) < state.n_passes or not 0 <= c.get("tokens_done", -1) <= cfg.tokens:
-        bad.append(f"counters {c}")
-    if bad:
-        raise Refused(f"checkpoint unusable: {path} has {'; '.join(bad)}; start again with --overwrite")
+    def more(meta: dict) -> list[str]:
+        bad = []
+        if meta.get("plan") != json.loads(json.dumps(run_plan.to_dict())):
+            bad.append("another plan of blocks than this run computes")
+        c = meta.get("counters", {})
+        if not 0 <= c.get("pass_index", -1) < state.n_passes or not 0 <= c.get("tokens_done", -1) <= cfg.tokens:
+            bad.append(f"counters {c}")
+        return bad
+
+    path, meta = unit_meta(ddir, manifest, rank, {"kind": UNIT_KIND, "version": UNIT_VERSION,
+                                                  "world": manifest["world"]}, more)
+    c = meta["counters"]
     state.start_pass(c["pass_index"])
     try:
         tensors, _ = read_tensors(path, state.expected())
@@ -557,6 +554,23 @@ def _load_unit(ddir: Path, manifest: dict, rank: int, state, cfg, run_plan) -> N
         raise Refused(f"checkpoint unusable: {e}; start again with --overwrite") from e
     state.load(tensors, c)
     state.generation = manifest["generation"]
+
+
+def unit_meta(ddir: Path, manifest: dict, rank: int, want: dict, more=lambda meta: []) -> tuple[Path, dict]:
+    """(path, header) of this rank's unit of the manifest's generation; Refused if it is unreadable, or its header
+    differs from the manifest (run, generation, rank), from ``want`` or in what ``more(header)`` lists."""
+    from univ_kernels.io import StateFileError, read_meta
+
+    path = _unit_path(ddir, manifest["generation"], rank)
+    try:
+        meta, _ = read_meta(path)
+    except (OSError, StateFileError) as e:
+        raise Refused(f"checkpoint unusable: {path}: {e}; start again with --overwrite") from e
+    want = {"run_id": manifest["run_id"], "generation": manifest["generation"], "rank": rank, **want}
+    bad = [f"{k} {meta.get(k)!r} (expected {v!r})" for k, v in want.items() if meta.get(k) != v] + more(meta)
+    if bad:
+        raise Refused(f"checkpoint unusable: {path} has {'; '.join(bad)}; start again with --overwrite")
+    return path, meta
 
 
 def _remove_other_generations(ddir: Path, keep: int | None) -> None:

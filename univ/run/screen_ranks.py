@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from univ.errors import Interrupted, Refused
+from univ.errors import Interrupted
 from univ.run import checkpoint, memory
 from univ.run.distributed import (
     _any,
@@ -34,6 +34,7 @@ from univ.run.distributed import (
     _unit_path,
     commit_generation,
     group_state,
+    unit_meta,
 )
 from univ.run.plan import pairs_for, rotated_models
 from univ.run.screen import ScreenRun
@@ -222,19 +223,8 @@ def _commit(job: Job, srun: ScreenRun) -> None:
 
 def _load(job: Job, srun: ScreenRun) -> None:
     """This rank's unit of the manifest's generation, checked against the manifest, then taken over."""
-    from univ_kernels.io import StateFileError, read_meta
-
-    m = job.manifest
-    path = _unit_path(job.ddir, m["generation"], job.rank)
-    try:
-        meta, _ = read_meta(path)
-    except (OSError, StateFileError) as e:
-        raise Refused(f"checkpoint unusable: {path}: {e}; start again with --overwrite") from e
-    want = {"kind": checkpoint.KIND, "method": "screen", "run_id": m["run_id"], "generation": m["generation"],
-            "rank": job.rank, "world": job.world}
-    bad = [f"{k} {meta.get(k)!r} (expected {v!r})" for k, v in want.items() if meta.get(k) != v]
-    if bad:
-        raise Refused(f"checkpoint unusable: {path} has {'; '.join(bad)}; start again with --overwrite")
+    path, meta = unit_meta(job.ddir, job.manifest, job.rank, {"kind": checkpoint.KIND, "method": "screen",
+                                                              "world": job.world})
     srun.load_checkpoint(path, meta)
 
 
