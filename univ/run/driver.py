@@ -268,15 +268,12 @@ def _run_screen(cfg, out, meta, models, device, operand_dtype, batch_bytes, iden
 
     srun, timings = run_screened(cfg, out, meta, models, device, operand_dtype, batch_bytes, ident,
                                  progress=progress, log=log)
-    plan = Plan.from_dict(srun.c["screen_plan"], srun.d, srun.n_layers, batch_bytes)
-    forward = memory.forward_bytes(models, cfg.batch_size, cfg.ctx)
-    screen_peak = memory.run_bytes(plan, srun.screen_cfg(), models)
-    planned_peak = meter.planned_peak(max(screen_peak, srun.c.get("verify_bytes", 0) + forward))
+    planned_peak = meter.planned_peak(srun.peak_bytes())
     measured_peak = meter.measured_peak()
     table, line = screen_outputs(cfg, out, srun, models, labels, device=device, operand_dtype=operand_dtype,
                                  timings=timings, wall_s=time.time() - started, ident=ident, batch_bytes=batch_bytes,
                                  memory={"planned_peak_bytes": planned_peak, "measured_peak_bytes": measured_peak,
-                                         "screen_stage_bytes": screen_peak})
+                                         "screen_stage_bytes": srun.c["screen_bytes"]})
     checkpoint.remove(out)
     log_finished(table, cfg, out, ident["run_id"], srun.c["tokens_seen"], planned_peak, measured_peak, log, line)
     return out

@@ -130,6 +130,14 @@ class ScreenRun:
         maxima = sum(v.numel() * v.element_size() for v in self.t.values())
         return max(per_pass[0] + self._first_pass_bytes(), max(per_pass)) + maxima + self._stage_bytes()
 
+    def peak_bytes(self) -> int:
+        """The larger stage's bytes beside the weights: the screen's (``screen_bytes``, set by whoever ran it) or
+        the verify stage's largest pass with the forward's transient."""
+        from univ.run.memory import forward_bytes
+
+        forward = forward_bytes(self.models, self.cfg.batch_size, self.cfg.ctx)
+        return max(self.c.get("screen_bytes", 0), self.c.get("verify_bytes", 0) + forward)
+
     def _stage_bytes(self) -> int:
         """What every verify pass allocates beside its accumulators: the moments and one batch of every model's
         activations and operands."""

@@ -235,11 +235,9 @@ def _finish(cfg, job: Job, srun: ScreenRun, timings: dict) -> Path:
     from univ.run.driver import log_finished
     from univ.run.screen_stages import screen_outputs
 
-    forward = memory.forward_bytes(job.models, cfg.batch_size, cfg.ctx)
-    screen_bytes = srun.c.get("screen_bytes", 0)
-    planned = job.meter.planned_peak(max(screen_bytes, srun.c.get("verify_bytes", 0) + forward))
+    planned = job.meter.planned_peak(srun.peak_bytes())
     mine = {"timings": {k: round(v, 4) for k, v in timings.items()}, "planned_peak_bytes": planned,
-            "measured_peak_bytes": job.meter.measured_peak(), "screen_stage_bytes": screen_bytes,
+            "measured_peak_bytes": job.meter.measured_peak(), "screen_stage_bytes": srun.c["screen_bytes"],
             "row_layers": {f"{a}->{m}": int((srun.t[f"owner.{p}"] == job.rank).sum())
                            for p, (a, m) in enumerate(srun.pairs)}}
     per_rank: list = [None] * job.world

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from univ.errors import Interrupted
-from univ.run import checkpoint
+from univ.run import checkpoint, memory
 from univ.run.config import CorrelateConfig
 from univ.run.plan import Plan, format_bytes
 from univ.run.screen import ScreenRun
@@ -65,6 +65,7 @@ def run_screened(cfg: CorrelateConfig, out, meta: dict | None, models, device: t
             finally:
                 bar.close()
             timings["screen_s"] += time.perf_counter() - t0
+            run.c["screen_bytes"] = memory.run_bytes(plan, run.screen_cfg(), models)
             run.start_verify()
             run.write_checkpoint(path, ident)
             log(run.verify_line())
